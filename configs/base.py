@@ -1,0 +1,129 @@
+"""The one config for every hiermt stage.
+
+Usage:
+  python -m hiermt.main --config=configs/base.py:STAGE[,encoder=crnn|hppnet][,size=SIZE]
+      [,conditioning=prefix|cross][,runlocal] --workdir=DIR [--config.KEY=VALUE ...]
+
+STAGE is one of encoder | onset_pitch | velocity | offset | flatten. `runlocal`
+shrinks everything so a few steps train on a laptop CPU in seconds, on a tiny
+generated corpus built on first use when no `data_dir` is set.
+"""
+
+import ml_collections
+
+STAGES = ("encoder", "onset_pitch", "velocity", "offset", "flatten")
+ENCODERS = ("crnn", "hppnet")
+CONDITIONINGS = ("prefix", "cross")
+
+# Paper Table II (layers, heads, dim, global batch) plus CPU-scale sizes.
+DECODER_SIZES = {
+    "nano": (2, 2, 64, 8),
+    "micro": (2, 4, 128, 16),
+    "tiny": (4, 8, 512, 64),
+    "small": (6, 12, 768, 56),
+    "base": (6, 16, 1024, 40),
+    "large": (12, 32, 1024, 24),
+}
+
+# Longest token sequence per stage (official code: 1024 for onsets, 1536 otherwise).
+MAX_TOKENS = {"onset_pitch": 1024, "velocity": 1536, "offset": 1536, "flatten": 1536}
+
+
+def _parse_arg(arg):
+  """Parses 'STAGE[,key=value][,flag]' into a dict, failing loudly on typos."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  if not parts:
+    raise ValueError(f"configs/base.py needs a stage: configs/base.py:STAGE with STAGE in {STAGES}")
+  opts = {"stage": parts[0], "encoder": "crnn", "size": "base", "conditioning": "prefix", "runlocal": False}
+  for part in parts[1:]:
+    key, eq, value = part.partition("=")
+    if key not in opts or key == "stage":
+      raise ValueError(f"unknown config option {key!r}; valid: encoder=, size=, conditioning=, runlocal")
+    opts[key] = value if eq else True
+  choices = {"stage": STAGES, "encoder": ENCODERS, "size": tuple(DECODER_SIZES), "conditioning": CONDITIONINGS}
+  for key, valid in choices.items():
+    if opts[key] not in valid:
+      raise ValueError(f"unknown {key} {opts[key]!r}; valid choices: {', '.join(valid)}")
+  return opts
+
+
+def get_config(arg=None):
+  """Returns the ConfigDict for `arg` = 'STAGE[,encoder=...][,size=...][,conditioning=...][,runlocal]'."""
+  opts = _parse_arg(arg)
+  stage, runlocal = opts["stage"], opts["runlocal"]
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+
+  # --- data ---------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  # MAESTRO-v3-layout folder (real or from hiermt.data.synth). Empty: a generated
+  # corpus of `data.generated_minutes` is built into `data.cache_dir` on first use.
+  c.data.data_dir = ""
+  c.data.cache_dir = "~/.cache/hiermt"
+  c.data.generated_minutes = 120.0
+  # Where the random-access store lives; empty means DATA_DIR/hiermt_prepared.
+  c.data.prepared_dir = ""
+  c.data.sample_rate = 16000
+  c.data.segment_seconds = 10.0
+  c.data.worker_count = 2
+  c.data.max_tokens = MAX_TOKENS.get(stage, 0)
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+
+  # --- encoder ------------------------------------------------------------
+  c.encoder = ml_collections.ConfigDict()
+  c.encoder.name = opts["encoder"]
+  # Encoder width multiplier and recurrent size; 1.0 / paper values are the real models.
+  c.encoder.width = 1.0
+  c.encoder.dropout = True
+  c.freeze_encoder = False
+
+  # --- decoder ------------------------------------------------------------
+  layers, heads, dim, batch = DECODER_SIZES[opts["size"]]
+  c.decoder = ml_collections.ConfigDict()
+  c.decoder.size = opts["size"]
+  c.decoder.num_layers = layers
+  c.decoder.num_heads = heads
+  c.decoder.dim = dim
+  c.decoder.conditioning = opts["conditioning"]
+  # Average-pool the audio prefix in time by this factor (long prefixes on small machines).
+  c.decoder.prefix_pool = 1
+
+  # --- optimisation -------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 12 if stage == "encoder" else batch  # global batch
+  c.train.steps = 300_000
+  c.train.lr = 5e-4 if stage == "encoder" else 1e-4
+  c.train.weight_decay = 0.01
+  c.train.warmup_steps = 0
+  c.train.decay = "constant"  # constant | cosine
+  c.train.grad_clip = 1.0
+  c.train.grad_accum = 1
+  c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.train.remat = False
+  c.train.log_every = 100
+  c.train.eval_every = 5000
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 2000
+  c.train.keep_checkpoints = 3
+  # Parameter sharding over an `fsdp` mesh axis of this size (1: pure data parallel).
+  c.train.fsdp = 1
+  # Checkpoint whose encoder initialises an LM stage; empty means WORKDIR/encoder.
+  c.init_from = ""
+
+  if runlocal:
+    c.data.generated_minutes = 3.0
+    c.data.worker_count = 0
+    c.data.max_tokens = 256
+    c.encoder.width = 0.125
+    if opts["size"] == "base":  # the default size shrinks; an explicit size is kept
+      c.decoder.size, (c.decoder.num_layers, c.decoder.num_heads, c.decoder.dim, _) = "nano", DECODER_SIZES["nano"]
+    c.decoder.prefix_pool = 4
+    c.train.batch_size = 8
+    c.train.steps = 6
+    c.train.log_every = 2
+    c.train.eval_every = 6
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = 3
+  return c

@@ -1,0 +1,1 @@
+"""hiermt: piano transcription by hierarchical language modelling (JAX/Flax)."""
