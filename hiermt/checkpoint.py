@@ -1,0 +1,84 @@
+"""Orbax checkpoints of one stage under WORKDIR/STAGE/, and encoder hand-over between stages.
+
+A checkpoint holds the whole train state and each process's Grain iterator state,
+so a restarted run continues the same loss curve on the same data.
+"""
+
+import os
+
+from absl import logging
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+def stage_dir(workdir, stage):
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), stage)
+
+
+def make_manager(directory, config):
+  """A CheckpointManager keeping the last `train.keep_checkpoints` saves (async)."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.train.keep_checkpoints, create=True, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(directory, "checkpoints"), options=options)
+
+
+def save(manager, step, state, data_iter, *, force=False):
+  """Saves state + iterator state at `step` (asynchronously for the arrays)."""
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+
+
+def restore_latest(manager, abstract_state, data_iter):
+  """Restores the newest checkpoint into `abstract_state`'s shapes and shardings.
+
+  Returns (state, step), or (None, 0) when the directory has no checkpoint. The
+  iterator is restored in place.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None, 0
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+  return restored["state"], step
+
+
+def load_encoder(directory):
+  """Params (and batch statistics) of the encoder from the newest checkpoint in `directory`.
+
+  `directory` is an encoder-stage directory (WORKDIR/encoder) or any stage directory
+  whose state holds an `encoder` subtree. Returns {"params": ..., "batch_stats": ...}
+  as host arrays.
+  Raises:
+    FileNotFoundError: no checkpoint there, with what to run first.
+  """
+  ckpt_dir = os.path.join(directory, "checkpoints")
+  manager = ocp.CheckpointManager(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+  step = manager.latest_step() if manager else None
+  if step is None:
+    raise FileNotFoundError(
+        f"no encoder checkpoint in {directory}. Pretrain the encoder first "
+        f"(python -m hiermt.main --config=configs/base.py:encoder --workdir=WORKDIR), "
+        f"point --config.init_from at a stage directory that has one, or set --config.init_from=none "
+        f"to start the encoder from scratch")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  state = restored["state"]
+  out = {}
+  for collection in ("params", "batch_stats"):
+    tree = state.get(collection) or {}
+    # The encoder stage trains the encoder alone; LM stages nest it under "encoder".
+    out[collection] = tree.get("encoder", tree) if isinstance(tree, dict) else tree
+  logging.info("encoder initialised from %s (step %d)", directory, step)
+  return out
+
+
+def write_config(directory, config):
+  """Writes config.json (process 0 only), atomically."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)

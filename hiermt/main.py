@@ -1,0 +1,29 @@
+"""Entry point: python -m hiermt.main --config=configs/base.py:STAGE[,options] --workdir=DIR.
+
+STAGE is encoder | onset_pitch | velocity | offset | flatten; any config field can
+be overridden with --config.KEY=VALUE (see configs/base.py for the fields).
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from hiermt import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file and stage, e.g. configs/base.py:velocity[,encoder=hppnet][,size=tiny][,runlocal].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; each stage writes WORKDIR/STAGE/.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.INFO)
+  train.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,359 @@
+"""One trainer for every stage: state init, pure jitted steps, the loop, evaluation.
+
+Stages differ only in config: `encoder` trains the roll heads with Kong's losses,
+the LM stages train token cross-entropy under each stage's loss mask. The same
+code runs on one CPU, one GPU, eight GPUs or many hosts: the batch is split
+over a [data, fsdp] mesh and XLA inserts the collectives.
+"""
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tensorboard.summary import Writer
+
+from hiermt import checkpoint
+from hiermt import partitioning
+from hiermt.data import pipeline
+from hiermt.models import transcriber
+
+ROLL_KEYS = ("onset", "offset", "frame", "velocity")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: optax.OptState
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------
+# Optimiser
+# ----------------------------------------------------------------------------
+def learning_rate_schedule(config):
+  """Linear warmup to `train.lr`, then constant or cosine decay to zero at `train.steps`."""
+  t = config.train
+  if t.decay == "constant":
+    after = optax.constant_schedule(t.lr)
+  elif t.decay == "cosine":
+    after = optax.cosine_decay_schedule(t.lr, max(1, t.steps - t.warmup_steps))
+  else:
+    raise ValueError(f"unknown train.decay {t.decay!r}; valid: constant, cosine")
+  if t.warmup_steps <= 0:
+    return after
+  warmup = optax.linear_schedule(0.0, t.lr, t.warmup_steps)
+  return optax.join_schedules([warmup, after], [t.warmup_steps])
+
+
+def make_optimizer(config, params):
+  """AdamW (+ global-norm clipping); a frozen encoder gets no updates at all."""
+  tx = optax.chain(
+      optax.clip_by_global_norm(config.train.grad_clip) if config.train.grad_clip > 0 else optax.identity(),
+      optax.adamw(learning_rate_schedule(config), weight_decay=config.train.weight_decay))
+  if config.stage != "encoder" and config.freeze_encoder:
+    labels = {k: ("frozen" if k == "encoder" else "train") for k in params}
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx
+
+
+# ----------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------
+def _bce(prob, target):
+  prob = jnp.clip(prob.astype(jnp.float32), 1e-7, 1 - 1e-7)
+  return -(target * jnp.log(prob) + (1 - target) * jnp.log(1 - prob))
+
+
+def roll_loss(out, batch):
+  """Kong et al.'s note losses: regression-target BCE for onset/offset, frame BCE,
+  velocity BCE on onset frames only. Returns (loss, metrics)."""
+  mask = batch.get("mask", jnp.ones_like(batch["frame"]))
+  terms = {}
+  for key in ("onset", "offset", "frame"):
+    terms[key] = jnp.sum(_bce(out[key], batch[key]) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  on = batch["velocity_mask"] if "velocity_mask" in batch else (batch["onset"] >= 1.0).astype(jnp.float32)
+  terms["velocity"] = jnp.sum(_bce(out["velocity"], batch["velocity"]) * on) / jnp.maximum(jnp.sum(on), 1.0)
+  loss = sum(terms.values())
+  # Frame-level counts for F1 (threshold 0.5 on the frame head).
+  pred = out["frame"] >= 0.5
+  ref = batch["frame"] >= 0.5
+  metrics = {f"loss_{k}": v for k, v in terms.items()}
+  metrics.update(frame_tp=jnp.sum(pred & ref), frame_fp=jnp.sum(pred & ~ref), frame_fn=jnp.sum(~pred & ref))
+  return loss, metrics
+
+
+def token_loss(logits, batch):
+  """Next-token cross-entropy on the stage's loss mask. Returns (loss, metrics)."""
+  targets = batch["tokens"][:, 1:]  # [batch, len-1]
+  weights = batch["loss_mask"][:, 1:]
+  logits = logits[:, :-1].astype(jnp.float32)  # [batch, len-1, vocab]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  denom = jnp.maximum(jnp.sum(weights), 1.0)
+  loss = jnp.sum(ce * weights) / denom
+  correct = (jnp.argmax(logits, -1) == targets) * weights
+  return loss, {"accuracy": jnp.sum(correct) / denom, "tokens": jnp.sum(weights)}
+
+
+# ----------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------
+def _forward(model, config, params, batch_stats, batch, rng, train):
+  """Model output and loss for one (micro)batch. Returns (loss, (metrics, new_batch_stats))."""
+  audio = batch["audio"].astype(jnp.float32) / 32768.0  # [batch, samples]
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  mutable = ["batch_stats"] if (train and batch_stats) else False
+  kwargs = dict(train=train, rngs={"dropout": rng} if train else None, mutable=mutable)
+  if config.stage == "encoder":
+    result = model.apply(variables, audio, **kwargs)
+  else:
+    result = model.apply(variables, audio, batch["tokens"], **kwargs)
+  out, updates = result if mutable else (result, {})
+  if config.stage == "encoder":
+    loss, metrics = roll_loss(out, batch)
+  else:
+    loss, metrics = token_loss(out, batch)
+  return loss, (metrics, updates.get("batch_stats", batch_stats))
+
+
+def train_step(model, config, tx, state, batch, rng):
+  """One optimiser step (with `train.grad_accum` micro-batches). Pure; jitted once."""
+  rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(functools.partial(_forward, model, config), has_aux=True)
+  accum = config.train.grad_accum
+
+  if accum == 1:
+    (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng, True)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+    def body(carry, xs):
+      grads_sum, loss_sum, stats = carry
+      mb, i = xs
+      (loss, (metrics, stats)), grads = grad_fn(state.params, stats, mb, jax.random.fold_in(rng, i), True)
+      return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, stats), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss, batch_stats), metrics = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32), state.batch_stats), (micro, jnp.arange(accum)))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    loss = loss / accum
+    metrics = jax.tree.map(lambda m: jnp.mean(m) if m.dtype.kind == "f" else jnp.sum(m), metrics)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(model, config, state, batch):
+  """Teacher-forced loss and metrics on one batch (no dropout, frozen batch statistics)."""
+  loss, (metrics, _) = _forward(model, config, state.params, state.batch_stats, batch, None, False)
+  return dict(metrics, loss=loss)
+
+
+# ----------------------------------------------------------------------------
+# State
+# ----------------------------------------------------------------------------
+def _example_inputs(config):
+  samples = int(round(config.data.segment_seconds * config.data.sample_rate))
+  audio = jnp.zeros((1, samples), jnp.float32)
+  if config.stage == "encoder":
+    return (audio,)
+  return audio, jnp.zeros((1, config.data.max_tokens), jnp.int32)
+
+
+def create_state(model, config, tx, mesh, rng):
+  """Initialises the train state directly into its shardings (no single-device copy)."""
+  inputs = _example_inputs(config)
+
+  def init(rng):
+    variables = model.init({"params": rng, "dropout": rng}, *inputs, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init, rng)
+  shardings = partitioning.state_shardings(mesh, abstract)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def init_encoder_from(state, config, workdir, shardings):
+  """LM stages start their encoder from the encoder stage (params and batch statistics only)."""
+  if config.stage == "encoder" or config.init_from == "none":
+    return state
+  source = config.init_from or checkpoint.stage_dir(workdir, "encoder")
+  loaded = checkpoint.load_encoder(os.path.expanduser(source))
+
+  def graft(tree, enc, sh):
+    if not tree or "encoder" not in tree:
+      return tree
+    expected = jax.tree.structure(tree["encoder"])
+    if jax.tree.structure(enc) != expected:
+      raise ValueError(f"the encoder checkpoint in {source} does not match this config's encoder "
+                       f"({config.encoder.name}, width {config.encoder.width})")
+    placed = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), enc, sh["encoder"])
+    return {**tree, "encoder": placed}
+
+  return state.replace(
+      params=graft(state.params, loaded["params"], shardings.params),
+      batch_stats=graft(state.batch_stats, loaded["batch_stats"], shardings.batch_stats))
+
+
+# ----------------------------------------------------------------------------
+# Loop
+# ----------------------------------------------------------------------------
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so a preempted job saves first."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint before exiting")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host_metrics(metrics):
+  """Averages a list of per-step metric dicts fetched from the device."""
+  host = jax.device_get(metrics)
+  out = {k: float(np.mean([m[k] for m in host])) for k in host[0] if not k.startswith("frame_")}
+  counts = {k: float(np.sum([m[k] for m in host])) for k in host[0] if k.startswith("frame_")}
+  if counts:
+    tp, fp, fn = counts["frame_tp"], counts["frame_fp"], counts["frame_fn"]
+    out["frame_f1"] = 2 * tp / max(2 * tp + fp + fn, 1.0)
+  return out
+
+
+def evaluate(model, config, state, mesh, eval_fn):
+  """Teacher-forced metrics over `train.eval_batches` fixed validation batches."""
+  ds = pipeline.make_dataset(config, config.data.eval_split, seed=config.seed + 1,
+                             num_batches=config.train.eval_batches)
+  results = []
+  for batch in ds:
+    batch.pop("truncated", None)
+    results.append(eval_fn(state, partitioning.global_batch(mesh, batch)))
+  return _host_metrics(results)
+
+
+def run(config, workdir):
+  """Trains `config.stage` into WORKDIR/STAGE, resuming from its newest checkpoint."""
+  partitioning.initialize_distributed()
+  directory = checkpoint.stage_dir(workdir, config.stage)
+  checkpoint.write_config(directory, config)
+  mesh = partitioning.make_mesh(config.train.fsdp)
+  partitioning.per_process_batch_size(config.train.batch_size)
+  if config.train.batch_size % (config.train.grad_accum * jax.device_count()):
+    raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of "
+                     f"train.grad_accum x devices = {config.train.grad_accum * jax.device_count()}")
+
+  model = transcriber.build_model(config)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  abstract_params = jax.eval_shape(lambda r: model.init(
+      {"params": r, "dropout": r}, *_example_inputs(config), train=False)["params"], init_rng)
+  tx = make_optimizer(config, abstract_params)
+  state, shardings = create_state(model, config, tx, mesh, init_rng)
+
+  train_ds = pipeline.make_dataset(config, config.data.train_split, seed=config.seed)
+  train_iter = iter(train_ds)
+  manager = checkpoint.make_manager(directory, config)
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  restored, start_step = checkpoint.restore_latest(manager, abstract_state, train_iter)
+  if restored is not None:
+    state = restored
+    logging.info("resumed %s from step %d", directory, start_step)
+  else:
+    state = init_encoder_from(state, config, workdir, shardings)
+
+  batch_sh = partitioning.batch_sharding(mesh)
+  repl = partitioning.replicated(mesh)
+  train_fn = jax.jit(functools.partial(train_step, model, config, tx),
+                     in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
+                     donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, model, config), in_shardings=(shardings, batch_sh),
+                    out_shardings=repl)
+
+  is_main = jax.process_index() == 0
+  writer = Writer(os.path.join(directory, "tensorboard")) if is_main else None
+  metrics_log = open(os.path.join(directory, "metrics.jsonl"), "a") if is_main else None
+  schedule = learning_rate_schedule(config)
+  preemption = _Preemption()
+  pending, truncated, last_time, last_step = [], 0, time.time(), start_step
+  t = config.train
+  step = start_step
+  try:
+    while step < t.steps:
+      batch = next(train_iter)
+      truncated += int(np.sum(batch.pop("truncated", 0)))
+      state, metrics = train_fn(state, partitioning.global_batch(mesh, batch), step_rng)
+      step += 1
+      pending.append(metrics)
+      boundary = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.steps
+      if not (boundary or preemption.requested):
+        continue
+      summary = _host_metrics(pending)
+      pending = []
+      if not all(math.isfinite(v) for v in summary.values()):
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} ({summary}); stopping. The last good checkpoint "
+            f"(step {manager.latest_step()}) is kept in {directory}. Lower --config.train.lr, "
+            f"raise warmup, or use float32 compute.")
+      now = time.time()
+      steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
+      last_time, last_step = now, step
+      summary.update(lr=float(schedule(step - 1)), steps_per_s=steps_per_s,
+                     examples_per_s=steps_per_s * t.batch_size)
+      if "tokens" in summary:
+        summary["tokens_per_s"] = steps_per_s * summary.pop("tokens")
+      summary["truncated_sequences"] = truncated
+      if is_main and (step % t.log_every == 0 or step == t.steps):
+        _log(writer, metrics_log, "train", step, summary, t.steps)
+      if step % t.eval_every == 0 or step == t.steps:
+        eval_summary = evaluate(model, config, state, mesh, eval_fn)
+        if is_main:
+          _log(writer, metrics_log, "eval", step, eval_summary, t.steps)
+      if step % t.checkpoint_every == 0 or step == t.steps or preemption.requested:
+        checkpoint.save(manager, step, state, train_iter, force=True)
+      if preemption.requested:
+        break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    preemption.restore()
+    if writer is not None:
+      writer.close()
+      metrics_log.close()
+  return state
+
+
+def _log(writer, metrics_log, prefix, step, summary, total):
+  for key, value in summary.items():
+    writer.add_scalar(f"{prefix}/{key}", value, step)
+  writer.flush()
+  metrics_log.write(json.dumps({"split": prefix, "step": step, **summary}) + "\n")
+  metrics_log.flush()
+  shown = " ".join(f"{k} {v:.4g}" for k, v in summary.items()
+                   if k in ("loss", "accuracy", "frame_f1", "grad_norm", "steps_per_s", "examples_per_s"))
+  logging.info("[%s] step %d/%d (%.1f%%) %s", prefix, step, total, 100.0 * step / total, shown)
