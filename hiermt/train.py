@@ -85,7 +85,7 @@ def roll_loss(out, batch):
   terms = {}
   for key in ("onset", "offset", "frame"):
     terms[key] = jnp.sum(_bce(out[key], batch[key]) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-  on = batch["velocity_mask"] if "velocity_mask" in batch else (batch["onset"] >= 1.0).astype(jnp.float32)
+  on = batch["onset_mask"]
   terms["velocity"] = jnp.sum(_bce(out["velocity"], batch["velocity"]) * on) / jnp.maximum(jnp.sum(on), 1.0)
   loss = sum(terms.values())
   # Frame-level counts for F1 (threshold 0.5 on the frame head).

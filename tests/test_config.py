@@ -1,12 +1,9 @@
 """configs/base.py: stage parsing, sizes, runlocal, clear errors on typos."""
-import importlib.util
-import pathlib
-
 import pytest
 
-_spec = importlib.util.spec_from_file_location("base_config", pathlib.Path(__file__).parents[1] / "configs/base.py")
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from conftest import load_base_config
+
+base = load_base_config()
 
 
 @pytest.mark.parametrize("stage", base.STAGES)

@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import os
 
+from absl import flags
 from absl import logging
 import grain
 import jax
@@ -42,7 +43,7 @@ def prepared_dir(config):
     if not config.data.data_dir and not os.path.exists(os.path.join(data_dir, "maestro-v3.0.0.csv")):
       logging.info("no data_dir configured: generating a %g-minute corpus into %s",
                    config.data.generated_minutes, data_dir)
-      synth.build_corpus(data_dir, minutes=config.data.generated_minutes, seed=config.seed)
+      synth.build_corpus(data_dir, minutes=config.data.generated_minutes, seed=config.seed, cache_dir=cache)
     return prepare.ensure_prepared(data_dir, config.data.prepared_dir)
 
 
@@ -135,5 +136,8 @@ def make_dataset(config, split, *, seed, num_batches=None, process_index=None, p
   length = num_batches if num_batches is not None else 2**40
   ds = grain.MapDataset.range(length).map(builder).to_iter_dataset()
   if config.data.worker_count > 0:
+    # Grain's workers read its absl flags; outside an absl app (tests, notebooks) use defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
   return ds
