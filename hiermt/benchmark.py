@@ -1,0 +1,173 @@
+"""Model measurements, printed as JSON.
+
+  python -m hiermt.benchmark --what=params
+      Parameter counts of both encoders and every decoder size (the decoder's
+      audio projection excluded), and forward FLOPs per 10 s segment.
+  python -m hiermt.benchmark --what=train_step [--sizes=nano,micro,tiny] [--encoder=crnn]
+      Forward + backward wall time per example of the decoder on this machine.
+
+Shapes come from `jax.eval_shape` / `jax.make_jaxpr`, so `params` allocates no
+weights and finishes in seconds even for the large sizes.
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import optax
+
+from configs import base
+from hiermt import vocabulary
+from hiermt.models import decoder as decoder_lib
+from hiermt.models import transcriber
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("what", None, "what to measure: params | train_step")
+flags.DEFINE_list("sizes", ["nano", "micro", "tiny"], "train_step: decoder sizes (configs/base.py DECODER_SIZES)")
+flags.DEFINE_enum("encoder", "crnn", base.ENCODERS, "train_step: encoder whose features form the prefix")
+flags.DEFINE_integer("batch", 2, "train_step: examples per step")
+flags.DEFINE_integer("tokens", 1024, "train_step: tokens per example")
+flags.DEFINE_integer("steps", 2, "train_step: timed steps after one warm-up step")
+
+# FLOPs are quoted for the onset stage's longest sequence.
+FLOPS_TOKENS = 1024
+
+
+def _segment_audio(batch=1):
+  """Abstract audio of one 10 s segment, `[batch, samples]`."""
+  config = base.get_config("encoder")
+  samples = int(round(config.data.segment_seconds * config.data.sample_rate))
+  return jax.ShapeDtypeStruct((batch, samples), jnp.float32)
+
+
+def _encoder(name):
+  return transcriber.build_encoder(base.get_config(f"encoder,encoder={name}"))
+
+
+def _decoder(size, conditioning="prefix", max_len=FLOPS_TOKENS):
+  layers, heads, dim, _ = base.DECODER_SIZES[size]
+  return decoder_lib.Decoder(vocabulary.VOCAB_SIZE, layers, heads, dim, max_len=max_len, conditioning=conditioning)
+
+
+def matmul_flops(jaxpr) -> int:
+  """2 x multiply-adds of every matmul and convolution in a jaxpr, loops included.
+
+  Scan bodies count `length` times and a `cond` counts its costliest branch.
+  Element-wise work and FFTs are left out. Unlike XLA's cost analysis, which
+  counts a loop body once, this gets recurrent layers (the CRNN's GRUs) right.
+  """
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      contracted = 1
+      for axis in lhs_contract:
+        contracted *= lhs[axis]
+      total += 2 * eqn.outvars[0].aval.size * contracted
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      out_channels = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+      total += 2 * eqn.outvars[0].aval.size * (eqn.invars[1].aval.size // out_channels)
+    elif name == "cond":
+      total += max(matmul_flops(branch) for branch in eqn.params["branches"])
+    else:
+      inner = sum(matmul_flops(v) for v in eqn.params.values() if hasattr(v, "eqns"))
+      total += inner * (eqn.params["length"] if name == "scan" else 1)
+  return total
+
+
+def params_report() -> dict:
+  """Parameter counts and forward FLOPs per 10 s segment, as a JSON-ready dict."""
+  key = jax.random.key(0)
+  audio = _segment_audio()
+  report = {"encoder": {}, "decoder": {c: {} for c in base.CONDITIONINGS},
+            "flops": {"encoder": {}, "decoder": {}}, "encoder_features": {}}
+  for name in base.ENCODERS:
+    encoder = _encoder(name)
+    variables = jax.eval_shape(lambda k, a, e=encoder: e.init(k, a, train=False), key, audio)
+    report["encoder"][name] = decoder_lib.count_params(variables["params"], exclude=())
+    apply = lambda v, a, e=encoder: e.apply(v, a, train=False)["features"]  # noqa: E731
+    forward, features = jax.make_jaxpr(apply, return_shape=True)(variables, audio)  # features [1, frames, d_enc]
+    report["encoder_features"][name] = {"frames": features.shape[1], "dim": features.shape[2]}
+    report["flops"]["encoder"][name] = matmul_flops(forward)
+    report["flops"]["decoder"][name] = {}
+    tokens = jax.ShapeDtypeStruct((1, FLOPS_TOKENS), jnp.int32)
+    for size in base.DECODER_SIZES:
+      decoder = _decoder(size)
+      variables = jax.eval_shape(decoder.init, key, tokens, features)
+      forward = jax.make_jaxpr(decoder.apply)(variables, tokens, features)
+      report["flops"]["decoder"][name][size] = matmul_flops(forward)
+      report["decoder"]["prefix"][size] = decoder_lib.count_params(variables["params"])
+
+  for size in base.DECODER_SIZES:
+    variables = jax.eval_shape(_decoder(size, "cross").init, key, jax.ShapeDtypeStruct((1, 4), jnp.int32),
+                               jax.ShapeDtypeStruct((1, 4, 1536), jnp.float32))
+    report["decoder"]["cross"][size] = decoder_lib.count_params(variables["params"])
+
+  report["assumptions"] = {
+      "vocab_size": vocabulary.VOCAB_SIZE,
+      "encoder_width": 1.0,
+      "decoder_params": "audio projection (audio_proj) excluded",
+      "flops": "forward, batch 1, one 10 s segment; 2 x multiply-adds of matmuls and convolutions "
+               "(loops unrolled by trip count; element-wise ops and FFTs excluded)",
+      "decoder_flops": f"prefix conditioning, prefix = the encoder's frames (no pooling), {FLOPS_TOKENS} tokens",
+  }
+  return report
+
+
+def train_step_report(sizes, encoder="crnn", batch=2, tokens=1024, steps=2) -> dict:
+  """Decoder forward + backward wall time per example for each size, on the default device.
+
+  The encoder is left out: its features are random inputs of the encoder's
+  10 s shape, so only the decoder (and its audio projection) trains.
+  """
+  enc = _encoder(encoder)
+  variables = jax.eval_shape(lambda k, a: enc.init(k, a, train=False), jax.random.key(0), _segment_audio())
+  features = jax.eval_shape(lambda v, a: enc.apply(v, a, train=False)["features"], variables, _segment_audio())
+  k_audio, k_tokens, k_init = jax.random.split(jax.random.key(0), 3)
+  audio = jax.random.normal(k_audio, (batch,) + features.shape[1:])
+  token_ids = jax.random.randint(k_tokens, (batch, tokens), 0, vocabulary.VOCAB_SIZE)
+  report = {"device": jax.devices()[0].device_kind, "encoder": encoder, "prefix_frames": features.shape[1],
+            "batch": batch, "tokens": tokens, "timed_steps": steps, "dtype": "float32",
+            "compile_seconds": {}, "seconds_per_example": {}}
+  for size in sizes:
+    if size not in base.DECODER_SIZES:
+      raise app.UsageError(f"unknown decoder size {size!r}; valid: {', '.join(base.DECODER_SIZES)}")
+    decoder = _decoder(size, max_len=tokens)
+    params = jax.jit(decoder.init)(k_init, token_ids, audio)["params"]
+
+    def loss(p, decoder=decoder):
+      logits = decoder.apply({"params": p}, token_ids, audio)  # [batch, tokens, vocab]
+      return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], token_ids[:, 1:]).mean()
+
+    step = jax.jit(jax.value_and_grad(loss))
+    start = time.perf_counter()
+    jax.block_until_ready(step(params))  # compile + warm-up
+    report["compile_seconds"][size] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    for _ in range(steps):
+      jax.block_until_ready(step(params))
+    report["seconds_per_example"][size] = round((time.perf_counter() - start) / (steps * batch), 4)
+  return report
+
+
+MODES = {
+    "params": params_report,
+    "train_step": lambda: train_step_report(FLAGS.sizes, FLAGS.encoder, FLAGS.batch, FLAGS.tokens, FLAGS.steps),
+}
+
+
+def main(argv):
+  del argv
+  if FLAGS.what not in MODES:
+    raise app.UsageError(f"--what must be one of {', '.join(MODES)}, got {FLAGS.what!r}")
+  print(json.dumps(MODES[FLAGS.what](), indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

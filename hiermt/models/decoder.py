@@ -1,0 +1,325 @@
+"""LLaMA-style note-token decoder conditioned on roll-encoder features.
+
+Pre-norm blocks with RMSNorm (eps 1e-5), SwiGLU MLPs, rotary position
+embeddings on adjacent feature pairs (base 1e4), no biases, an untied output
+head and a final RMSNorm. Audio features `[batch, frames, d_enc]` condition the
+decoder in one of two ways (`conditioning`):
+
+* `"prefix"` (default, the paper's decoder-only model): the features go
+  through `Dense(dim)` plus a fixed sinusoidal absolute position encoding and
+  are prepended to the token embeddings. Attention is causal over the whole
+  `[prefix; tokens]` sequence, as in the official prefix variant, so training
+  needs no special mask and each prefix frame sees only earlier frames. RoPE
+  rotates note tokens only: token t sits at rotary position t and every prefix
+  frame at rotary position 0 (an identity rotation); the prefix order is carried
+  by the sinusoidal encoding. Logits and the loss cover token positions only.
+* `"cross"` (the official code): self-attention, SwiGLU, cross-attention to the
+  projected audio (RoPE on queries only, no mask), a second SwiGLU. The audio is
+  `Dense(dim)(features) + Dense(dim)(64-d sinusoidal positions)`.
+
+All audio-side parameters live in the `audio_proj` subtree, so parameter counts
+can leave them out.
+
+Incremental decoding uses the flax `cache` collection: `init_cache` builds it
+(fixed shapes, so the loop fits `lax.while_loop`); the first `decode=True` call
+passes the audio and one or more tokens (prefill), later calls pass any number
+of next tokens without audio. Every row of the batch advances in lockstep.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CONDITIONINGS = ("prefix", "cross")
+ROPE_BASE = 1e4
+RMS_EPS = 1e-5
+# The official cross-attention decoder encodes audio positions with 64 sinusoids.
+CROSS_POSITION_DIM = 64
+
+
+def swiglu_hidden(dim: int) -> int:
+  """LLaMA's MLP width: int(8 * dim / 3) rounded up to a multiple of 256."""
+  return -(-int(8 * dim / 3) // 256) * 256
+
+
+def sinusoidal_positions(length: int, dim: int) -> jax.Array:
+  """Fixed absolute position encoding, sines in the first half of the features.
+
+  Args:
+    length: number of positions.
+    dim: encoding size (even).
+
+  Returns:
+    float32 `[length, dim]`.
+  """
+  half = dim // 2
+  inv_freq = ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq  # [length, half]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+  """Rotates adjacent feature pairs (x[2i], x[2i+1]) by position * ROPE_BASE**(-2i/d).
+
+  Args:
+    x: `[batch, length, heads, head_dim]`, head_dim even.
+    positions: `[length]` rotary positions (shared by the batch).
+
+  Returns:
+    The rotated array, same shape and dtype as `x`.
+  """
+  head_dim = x.shape[-1]
+  inv_freq = ROPE_BASE ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [head_dim/2]
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [length, head_dim/2]
+  cos = jnp.cos(angles)[:, None, :]  # [length, 1, head_dim/2]
+  sin = jnp.sin(angles)[:, None, :]
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], head_dim // 2, 2)
+  even, odd = pairs[..., 0], pairs[..., 1]  # [batch, length, heads, head_dim/2]
+  rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+  return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def _pool_time(x: jax.Array, factor: int) -> jax.Array:
+  """Averages non-overlapping windows of `factor` frames; a short last window keeps its own mean."""
+  if factor == 1:
+    return x
+  batch, frames, dim = x.shape
+  windows = -(-frames // factor)
+  padded = jnp.pad(x, ((0, 0), (0, windows * factor - frames), (0, 0)))
+  sums = padded.reshape(batch, windows, factor, dim).sum(axis=2)  # [batch, windows, dim]
+  counts = jnp.minimum(factor, frames - factor * jnp.arange(windows))  # [windows]
+  return sums / counts[:, None].astype(x.dtype)
+
+
+class AudioProjection(nn.Module):
+  """Maps encoder features `[batch, frames, d_enc]` to decoder inputs `[batch, frames/pool, dim]`."""
+  dim: int
+  conditioning: str
+  pool: int
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, features):
+    dense = functools.partial(nn.Dense, self.dim, dtype=self.dtype, param_dtype=self.param_dtype)
+    pooled = _pool_time(features, self.pool)  # [batch, frames', d_enc]
+    x = dense(name="features")(pooled)  # [batch, frames', dim]
+    frames = x.shape[1]
+    if self.conditioning == "prefix":
+      positions = sinusoidal_positions(frames, self.dim).astype(self.dtype)
+    else:
+      positions = dense(name="positions")(sinusoidal_positions(frames, CROSS_POSITION_DIM))
+    return x + positions[None]
+
+
+class SwiGLU(nn.Module):
+  """Gated MLP: down(silu(gate(x)) * up(x))."""
+  hidden: int
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+    gated = nn.silu(dense(self.hidden, name="gate")(x)) * dense(self.hidden, name="up")(x)
+    return dense(x.shape[-1], name="down")(gated)
+
+
+class Attention(nn.Module):
+  """Multi-head attention; self-attention with a KV cache, or cross-attention to audio.
+
+  Self-attention (`cross=False`) rotates queries and keys and is causal over
+  absolute positions. Cross-attention rotates queries only and sees every audio
+  frame. In decode mode both keep their keys/values in the `cache` collection:
+  self-attention writes the new ones at `positions`, cross-attention stores the
+  audio's on prefill and reuses them afterwards.
+  """
+  num_heads: int
+  cross: bool
+  decode: bool
+  cache_len: int | None
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x, positions, rope_positions, memory=None):
+    """x `[batch, n, dim]`; positions/rope_positions `[n]`; memory `[batch, frames, dim]` or None."""
+    dim = x.shape[-1]
+    proj = functools.partial(
+        nn.DenseGeneral, features=(self.num_heads, dim // self.num_heads), use_bias=False,
+        dtype=self.dtype, param_dtype=self.param_dtype)
+    q = apply_rope(proj(name="query")(x), rope_positions)  # [batch, n, heads, head_dim]
+    mask, is_causal = None, False
+    if self.cross:
+      if memory is not None:
+        k, v = proj(name="key")(memory), proj(name="value")(memory)  # [batch, frames, heads, head_dim]
+      if self.decode:
+        shape = None if memory is None else k.shape
+        cached_k = self.variable("cache", "cached_cross_key", jnp.zeros, shape, self.dtype)
+        cached_v = self.variable("cache", "cached_cross_value", jnp.zeros, shape, self.dtype)
+        if memory is not None:
+          cached_k.value, cached_v.value = k, v
+        k, v = cached_k.value, cached_v.value
+    else:
+      k = apply_rope(proj(name="key")(x), rope_positions)  # [batch, n, heads, head_dim]
+      v = proj(name="value")(x)
+      if self.decode:
+        shape = (x.shape[0], self.cache_len) + k.shape[2:]
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
+        start = (0, positions[0], 0, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
+        k, v = cached_k.value, cached_v.value  # [batch, cache_len, heads, head_dim]
+        # Unwritten slots lie after every query, so the causal mask also hides them.
+        mask = (jnp.arange(k.shape[1])[None, :] <= positions[:, None])[None, None]  # [1, 1, n, cache_len]
+      else:
+        is_causal = True
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)  # [batch, n, heads, head_dim]
+    return nn.DenseGeneral(dim, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="out")(out)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block; with `cross`, adds cross-attention and a second MLP."""
+  num_heads: int
+  cross: bool
+  decode: bool
+  cache_len: int | None
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x, positions, rope_positions, memory):
+    """x `[batch, n, dim]` -> `[batch, n, dim]`."""
+    norm = functools.partial(nn.RMSNorm, epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
+    attention = functools.partial(
+        Attention, self.num_heads, decode=self.decode, cache_len=self.cache_len,
+        dtype=self.dtype, param_dtype=self.param_dtype)
+    mlp = functools.partial(SwiGLU, swiglu_hidden(x.shape[-1]), dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + attention(cross=False, name="self_attn")(norm(name="attn_norm")(x), positions, rope_positions)
+    x = x + mlp(name="mlp")(norm(name="mlp_norm")(x))
+    if self.cross:
+      x = x + attention(cross=True, name="cross_attn")(
+          norm(name="cross_norm")(x), positions, rope_positions, memory)
+      x = x + mlp(name="cross_mlp")(norm(name="cross_mlp_norm")(x))
+    return x
+
+
+class Decoder(nn.Module):
+  """Note-token language model over encoder features.
+
+  Attributes:
+    vocab_size: token ids (input embedding and output head).
+    num_layers, num_heads, dim: transformer size (dim / num_heads must be even).
+    max_len: most tokens one sequence holds; fixes the KV cache length.
+    conditioning: "prefix" or "cross" (module docstring).
+    prefix_pool: average-pools the audio features in time by this factor first.
+    dtype: compute dtype; parameters are stored in `param_dtype`.
+    remat: rematerialise each block in the backward pass (not in decode mode).
+  """
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  dim: int
+  max_len: int
+  conditioning: str = "prefix"
+  prefix_pool: int = 1
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+
+  def _check(self):
+    if self.conditioning not in CONDITIONINGS:
+      raise ValueError(f"Decoder.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+    if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+      raise ValueError(f"Decoder.dim ({self.dim}) / num_heads ({self.num_heads}) must be an even integer "
+                       "(RoPE rotates feature pairs)")
+    if self.prefix_pool < 1:
+      raise ValueError(f"Decoder.prefix_pool must be >= 1, got {self.prefix_pool}")
+
+  @nn.compact
+  def __call__(self, tokens, audio=None, *, decode=False):
+    """Token logits given audio features.
+
+    Args:
+      tokens: int `[batch, n]`. Without `decode`, the whole sequence (teacher
+        forcing, n <= max_len). With `decode`, the next n tokens.
+      audio: `[batch, frames, d_enc]` encoder features. Required without
+        `decode` and on the first (prefill) decode call on a fresh cache; None on
+        later decode calls.
+      decode: read and extend the KV cache (`cache` collection, mutable).
+
+    Returns:
+      float32 logits `[batch, n, vocab_size]`, one row per input token.
+    """
+    self._check()
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if audio is None and not (decode and self.has_variable("cache", "index")):
+      raise ValueError("audio features are required, except on decode calls after the prefill call "
+                       "(build the cache with Decoder.init_cache and prefill with the audio)")
+    if not decode and tokens.shape[1] > self.max_len:
+      raise ValueError(f"{tokens.shape[1]} tokens exceed Decoder.max_len={self.max_len}; "
+                       "raise config.data.max_tokens or crop the sequence")
+    prefix = self.conditioning == "prefix"
+    x = nn.Embed(self.vocab_size, self.dim, embedding_init=nn.initializers.normal(0.02),
+                 dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(tokens)  # [batch, n, dim]
+    memory, num_prefix = None, 0
+    if audio is not None:
+      memory = AudioProjection(self.dim, self.conditioning, self.prefix_pool, self.dtype, self.param_dtype,
+                               name="audio_proj")(audio)  # [batch, frames', dim]
+      if prefix:
+        num_prefix = memory.shape[1]
+        x = jnp.concatenate([memory, x], axis=1)  # [batch, frames' + n, dim]
+        memory = None
+    length = x.shape[1]
+
+    if decode:
+      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      prefix_len = self.variable("cache", "prefix_len", lambda: jnp.zeros((), jnp.int32))
+      if audio is not None:
+        prefix_len.value = jnp.asarray(num_prefix, jnp.int32)
+      positions = index.value + jnp.arange(length)  # [length] cache slots
+      index.value = index.value + length
+      rope_positions = jnp.maximum(positions - prefix_len.value, 0)
+    else:
+      positions = jnp.arange(length)
+      rope_positions = jnp.maximum(positions - num_prefix, 0)  # prefix frames at rotary position 0
+    # Only needed when the cache is created, i.e. on a call that carries the audio.
+    cache_len = num_prefix + self.max_len if audio is not None else None
+
+    block = nn.remat(Block) if self.remat and not decode else Block
+    for i in range(self.num_layers):
+      x = block(self.num_heads, cross=not prefix, decode=decode, cache_len=cache_len, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f"block_{i}")(x, positions, rope_positions, memory)
+    x = nn.RMSNorm(epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
+    x = x[:, num_prefix:]  # [batch, n, dim]: logits for note tokens only
+    logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="head")(x)
+    return logits.astype(jnp.float32)
+
+  @nn.nowrap
+  def init_cache(self, audio) -> dict:
+    """A zero KV cache for decoding a batch of sequences from fresh.
+
+    Args:
+      audio: array or `jax.ShapeDtypeStruct` `[batch, frames, d_enc]` with the
+        shape of the features the prefill call will pass.
+
+    Returns:
+      The `cache` collection for `apply(..., decode=True, mutable=["cache"])`.
+    """
+    tokens = jax.ShapeDtypeStruct((audio.shape[0], 1), jnp.int32)
+    audio = jax.ShapeDtypeStruct(audio.shape, audio.dtype)
+    shapes = jax.eval_shape(lambda t, a: self.init(jax.random.key(0), t, a, decode=True)["cache"], tokens, audio)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def count_params(params, exclude=("audio_proj",)) -> int:
+  """Number of parameters in a (possibly abstract) tree, skipping top-level subtrees in `exclude`."""
+  kept = {k: v for k, v in params.items() if k not in exclude}
+  return sum(int(x.size) for x in jax.tree.leaves(kept))

@@ -1,0 +1,150 @@
+"""Tests for the LLaMA-style decoder: KV cache, causality, RoPE, sizes, dtypes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from hiermt import vocabulary
+from hiermt.models import decoder as dec
+
+VOCAB = vocabulary.VOCAB_SIZE
+BATCH, FRAMES, D_ENC, MAX_LEN = 2, 7, 12, 12
+
+
+def _model(conditioning="prefix", **kw):
+  kw = {"num_layers": 2, "num_heads": 4, "dim": 32, "prefix_pool": 2, **kw}
+  return dec.Decoder(vocab_size=VOCAB, max_len=MAX_LEN, conditioning=conditioning, **kw)
+
+
+def _inputs(seed=0, frames=FRAMES):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  tokens = jax.random.randint(k1, (BATCH, MAX_LEN), 0, VOCAB)
+  audio = jax.random.normal(k2, (BATCH, frames, D_ENC))
+  return tokens, audio
+
+
+@functools.cache
+def _setup(conditioning):
+  """(model, params, jitted forward, jitted decode step), shared by tests: compiling dominates their run time."""
+  model = _model(conditioning)
+  params = jax.jit(model.init)(jax.random.key(1), *_inputs())["params"]
+  forward = jax.jit(lambda p, t, a: model.apply({"params": p}, t, a))
+  step = jax.jit(lambda p, cache, t, a: model.apply({"params": p, "cache": cache}, t, a, decode=True,
+                                                   mutable=["cache"]))
+  return model, params, forward, step
+
+
+def _decode_in_chunks(conditioning, tokens, audio, chunks):
+  """Feeds `tokens` through the KV cache in pieces of the given sizes; returns the concatenated logits."""
+  model, params, _, step = _setup(conditioning)
+  cache = model.init_cache(audio)
+  out, start = [], 0
+  for i, size in enumerate(chunks):
+    logits, mutated = step(params, cache, tokens[:, start:start + size], audio if i == 0 else None)
+    cache = mutated["cache"]
+    out.append(logits)
+    start += size
+  assert start == tokens.shape[1]
+  return jnp.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("conditioning", ["prefix", "cross"])
+@pytest.mark.parametrize("chunks", [[1] * MAX_LEN, [2, 1, 1, 4, 4]], ids=["steps", "chunks"])
+def test_cached_decoding_matches_full_forward(conditioning, chunks):
+  _, params, forward, _ = _setup(conditioning)
+  tokens, audio = _inputs()
+  cached = _decode_in_chunks(conditioning, tokens, audio, chunks)
+  np.testing.assert_allclose(cached, forward(params, tokens, audio), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conditioning", ["prefix", "cross"])
+def test_changing_a_token_never_changes_earlier_logits(conditioning):
+  _, params, forward, _ = _setup(conditioning)
+  tokens, audio = _inputs()
+  t = 5
+  changed = tokens.at[:, t].set((tokens[:, t] + 1) % VOCAB)
+  a, b = forward(params, tokens, audio), forward(params, changed, audio)
+  np.testing.assert_array_equal(a[:, :t], b[:, :t])
+  assert not np.allclose(a[:, t], b[:, t]) and not np.allclose(a[:, -1], b[:, -1])
+
+
+def test_rope_scores_depend_only_on_position_difference():
+  q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 16))
+  def score(pq, pk):
+    rq = dec.apply_rope(q, jnp.array([pq]))
+    rk = dec.apply_rope(k, jnp.array([pk]))
+    return float(jnp.sum(rq * rk))
+  assert score(3, 1) == pytest.approx(score(10, 8), rel=1e-5)
+  assert score(0, 0) == pytest.approx(score(57, 57), rel=1e-5)
+  assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+  # Adjacent features form the rotated pairs: rotating only touches (x0, x1) for a one-pair input.
+  x = jnp.zeros((1, 1, 1, 4)).at[..., 0].set(1.0)
+  np.testing.assert_allclose(dec.apply_rope(x, jnp.array([1]))[0, 0, 0], [np.cos(1), np.sin(1), 0, 0], atol=1e-6)
+
+
+def test_audio_conditions_the_logits_and_prefix_positions_get_none():
+  _, params, forward, _ = _setup("prefix")
+  tokens, audio = _inputs()
+  logits = forward(params, tokens, audio)
+  assert logits.shape == (BATCH, MAX_LEN, VOCAB) and logits.dtype == jnp.float32
+  # A longer prefix still yields exactly one row per token, and the rows follow the audio.
+  longer = forward(params, tokens, jnp.concatenate([audio, audio], axis=1))
+  assert longer.shape == logits.shape
+  assert not np.allclose(longer[:, 0], logits[:, 0])
+
+
+def test_prefix_pool_averages_frames_including_a_short_last_window():
+  _, params, pooled_forward, _ = _setup("prefix")  # prefix_pool=2
+  tokens, audio = _inputs(frames=5)
+  manual = jnp.stack([audio[:, 0:2].mean(1), audio[:, 2:4].mean(1), audio[:, 4:5].mean(1)], axis=1)
+  unpooled = jax.jit(_model(prefix_pool=1).apply)({"params": params}, tokens, manual)
+  np.testing.assert_allclose(pooled_forward(params, tokens, audio), unpooled, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,target", [("tiny", 14.93e6), ("small", 44.42e6), ("base", 79.67e6),
+                                         ("large", 156.76e6)])
+def test_parameter_counts_match_the_paper_sizes(size, target):
+  layers, heads, dim, _ = base.DECODER_SIZES[size]
+  model = dec.Decoder(VOCAB, layers, heads, dim, max_len=1024)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  audio = jax.ShapeDtypeStruct((1, 10, 1536), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens, audio)["params"]
+  # The paper quotes millions to two decimals.
+  assert abs(dec.count_params(params) - target) <= 0.005e6
+  assert dec.count_params(params, exclude=()) == dec.count_params(params) + 1536 * dim + dim
+
+
+def test_swiglu_width_rounds_up_to_256():
+  assert [dec.swiglu_hidden(d) for d in (512, 768, 1024, 64)] == [1536, 2048, 2816, 256]
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  _, params, forward, _ = _setup("prefix")
+  model = _model(dtype=jnp.bfloat16, remat=True)
+  tokens, audio = _inputs()
+  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens, audio)["params"]
+  assert {x.dtype for x in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
+
+  def loss(p):
+    logits = model.apply({"params": p}, tokens, audio)
+    return logits.mean(), logits
+
+  assert "bf16" in str(jax.make_jaxpr(loss)(params))
+  grads, logits = jax.jit(jax.grad(loss, has_aux=True))(params)
+  assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, forward(params, tokens, audio), atol=0.1)
+
+
+def test_bad_input_raises_clear_errors():
+  tokens, audio = _inputs()
+  with pytest.raises(ValueError, match="conditioning"):
+    _model("concat").init(jax.random.key(0), tokens, audio)
+  with pytest.raises(ValueError, match="audio features are required"):
+    _model().init(jax.random.key(0), tokens)
+  with pytest.raises(ValueError, match="max_len"):
+    _model().init(jax.random.key(0), jnp.zeros((1, MAX_LEN + 1), jnp.int32), audio)
