@@ -1,0 +1,149 @@
+"""HPPNet-sp (Wei et al. 2022) as a roll-based encoder.
+
+Follows the official WX-Wei/HPPNet default configuration: a CQT front end and
+two sub-networks with the same CNN trunk (harmonic dilated convolutions), an
+onset sub-network with the onset head and a frame sub-network with the frame,
+offset and velocity heads that runs at half the frame rate (max-pooled input,
+outputs linearly interpolated back). Each head is a biLSTM along time shared
+by all 88 pitches, then a linear map to one value and a sigmoid; a subnet's
+heads run as one grouped scan.
+
+As encoder features we return what the official LM code feeds its decoder:
+the four roll outputs, interleaved per pitch as (onset, frame, offset,
+velocity), i.e. 352 values per frame at 50 frames per second.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hiermt import audio
+from hiermt.models import layers
+
+NUM_PITCHES = 88
+# Frequency dilations of the harmonic convolution: round(48 * log2(h)) bins for
+# harmonics h = 2..9, at 48 CQT bins per octave.
+HARMONIC_DILATIONS = tuple(int(round(audio.CQT_BINS_PER_OCTAVE * np.log2(h))) for h in range(2, 10))
+ONSET_HEADS = ("onset",)
+FRAME_HEADS = ("frame", "offset", "velocity")
+ROLLS = ("onset", "frame", "offset", "velocity")  # order of the interleaved features
+
+
+class _Trunk(nn.Module):
+  """CNN trunk: [batch, time, 352, 1] dB CQT -> [batch, time, 88, features]."""
+  channels: int
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    def conv(x, features, kernel, dilation=(1, 1)):
+      return nn.Conv(features, kernel, padding="SAME", kernel_dilation=dilation, dtype=self.dtype)(x)
+
+    def norm(x):
+      return nn.InstanceNorm(use_scale=False, use_bias=False, epsilon=1e-5, dtype=self.dtype)(x)
+
+    for _ in range(3):
+      x = norm(nn.relu(conv(x, self.channels, (7, 7))))  # [batch, time, 352, channels]
+    # Harmonic dilated convolution: one [1 x 3] conv per harmonic, summed.
+    x = nn.relu(sum(conv(x, self.features, (1, 3), (1, d)) for d in HARMONIC_DILATIONS))
+    x = nn.relu(conv(x, self.features, (1, 3), (1, audio.CQT_BINS_PER_OCTAVE)))
+    x = norm(nn.max_pool(x, (1, 4), strides=(1, 4)))  # [batch, time, 88, features]: one bin per pitch
+    x = norm(nn.relu(conv(x, self.features, (1, 3), (1, 12))))
+    for _ in range(3):
+      x = norm(nn.relu(conv(x, self.features, (5, 1))))
+    return x
+
+
+class _PitchHeads(nn.Module):
+  """HPPNet's FreqGroupLSTM heads on one shared input.
+
+  Per head: a biLSTM along time whose weights are shared by all 88 pitches,
+  then Linear(1) and a sigmoid. The heads' LSTMs run as one grouped scan.
+  [batch, time, 88, in] -> {head: [batch, time, 88]}.
+  """
+  features: int
+  heads: tuple[str, ...]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    batch, time, pitches, channels = x.shape
+    x = jnp.transpose(x, (0, 2, 1, 3)).reshape(batch * pitches, time, channels)  # [batch * 88, time, in]
+    x = jnp.broadcast_to(x, (len(self.heads), *x.shape))  # [heads, batch * 88, time, in]
+    h = layers.BiLSTM(max(1, self.features // 2), groups=len(self.heads), dtype=self.dtype, name="lstm")(x)
+    rolls = {}
+    for i, head in enumerate(self.heads):
+      logits = nn.Dense(1, dtype=self.dtype, name=f"{head}_fc")(h[i])[..., 0]  # [batch * 88, time]
+      rolls[head] = nn.sigmoid(logits.reshape(batch, pitches, time).transpose(0, 2, 1))  # [batch, time, 88]
+    return rolls
+
+
+class _SubNet(nn.Module):
+  """Trunk plus named heads; `time_pool` halves the frame rate inside."""
+  channels: int
+  features: int
+  heads: tuple[str, ...]
+  time_pool: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    # x: [batch, time, 352, 1]
+    batch, time = x.shape[:2]
+    if self.time_pool:
+      x = nn.max_pool(x, (2, 1), strides=(2, 1))  # [batch, time // 2, 352, 1]
+    y = _Trunk(self.channels, self.features, dtype=self.dtype, name="trunk")(x)
+    rolls = _PitchHeads(self.features, self.heads, dtype=self.dtype, name="heads")(y)  # each [batch, time', 88]
+    if self.time_pool:
+      # Linear interpolation with half-pixel centres, as PyTorch's bilinear
+      # (align_corners=False) over an unchanged pitch axis.
+      rolls = {k: jax.image.resize(v, (batch, time, NUM_PITCHES), method="linear", antialias=False)
+               for k, v in rolls.items()}
+    return rolls
+
+
+class HPPNet(nn.Module):
+  """HPPNet-sp, returning rolls and encoder features.
+
+  Attributes:
+    width: multiplies the trunk's 16 channels and the 128-wide embedding and
+      LSTM; 1.0 is the published model, small widths are for CPU tests.
+    dtype: compute dtype (parameters stay float32).
+  """
+  width: float = 1.0
+  dtype: Any = jnp.float32
+
+  FRAMES_PER_SECOND = 50
+
+  @property
+  def feature_dim(self):
+    """Width of `features`: four rolls of 88 pitches."""
+    return len(ROLLS) * NUM_PITCHES
+
+  @nn.compact
+  def __call__(self, audio_batch, *, train):
+    """Runs both sub-networks.
+
+    Args:
+      audio_batch: [batch, samples] 16 kHz audio, float in [-1, 1] or int16.
+      train: unused (HPPNet has neither dropout nor batch statistics); kept
+        so every encoder has the same call signature.
+
+    Returns:
+      dict of float32 arrays: `frame`, `onset`, `offset`, `velocity`
+      [batch, frames, 88] sigmoid outputs and `features` [batch, frames, 352],
+      with frames = samples // 320 + 1.
+    """
+    del train
+    x = audio.cqt(audio_batch).astype(self.dtype)[..., None]  # [batch, frames, 352, 1]
+    channels, embedding = layers.scaled(16, self.width), layers.scaled(128, self.width)
+    rolls = _SubNet(channels, embedding, ONSET_HEADS, time_pool=False, dtype=self.dtype, name="onset_subnet")(x)
+    rolls |= _SubNet(channels, embedding, FRAME_HEADS, time_pool=True, dtype=self.dtype, name="frame_subnet")(x)
+    rolls = {k: v.astype(jnp.float32) for k, v in rolls.items()}
+    batch, frames = x.shape[:2]
+    features = jnp.stack([rolls[k] for k in ROLLS], axis=-1).reshape(batch, frames, self.feature_dim)
+    return rolls | {"features": features}
