@@ -60,13 +60,16 @@ def get_config(arg=None):
   # MAESTRO-v3-layout folder (real or from hiermt.data.synth). Empty: a generated
   # corpus of `data.generated_minutes` is built into `data.cache_dir` on first use.
   c.data.data_dir = ""
+  # hiermt's cache: generated corpora, the miditok MIDIs and compiled XLA programs.
   c.data.cache_dir = "~/.cache/hiermt"
   c.data.generated_minutes = 120.0
   # Where the random-access store lives; empty means DATA_DIR/hiermt_prepared.
   c.data.prepared_dir = ""
   c.data.sample_rate = 16000
   c.data.segment_seconds = 10.0
+  # Grain worker processes (0: load in the training process) and batches read ahead by each.
   c.data.worker_count = 2
+  c.data.prefetch_batches = 4
   c.data.max_tokens = MAX_TOKENS.get(stage, 0)
   c.data.train_split = "train"
   c.data.eval_split = "validation"
@@ -113,17 +116,18 @@ def get_config(arg=None):
   c.init_from = ""
 
   if runlocal:
+    # A few steps in seconds on one CPU (the tests force 8 devices and raise the batch to 8).
     c.data.generated_minutes = 3.0
     c.data.worker_count = 0
     c.data.max_tokens = 256
-    c.encoder.width = 0.125
+    c.encoder.width = 0.0625
     if opts["size"] == "base":  # the default size shrinks; an explicit size is kept
       c.decoder.size, (c.decoder.num_layers, c.decoder.num_heads, c.decoder.dim, _) = "nano", DECODER_SIZES["nano"]
     c.decoder.prefix_pool = 4
-    c.train.batch_size = 8
-    c.train.steps = 6
-    c.train.log_every = 2
-    c.train.eval_every = 6
+    c.train.batch_size = 2
+    c.train.steps = 4
+    c.train.log_every = 1
+    c.train.eval_every = 4
     c.train.eval_batches = 1
-    c.train.checkpoint_every = 3
+    c.train.checkpoint_every = 2
   return c

@@ -5,6 +5,11 @@
       audio projection excluded), and forward FLOPs per 10 s segment.
   python -m hiermt.benchmark --what=train_step [--sizes=nano,micro,tiny] [--encoder=crnn]
       Forward + backward wall time per example of the decoder on this machine.
+  python -m hiermt.benchmark --what=loader [--stages=...] [--data_dir=DIR]
+      Examples/s of the Grain pipeline from one worker (in-process), per stage.
+  python -m hiermt.benchmark --what=train [--stages=...] [--config_arg=runlocal]
+      Whole train steps (encoder + decoder, sharded, jitted) fed by the real
+      loader and by one in-memory batch: step times, examples/s, tokens/s.
 
 Shapes come from `jax.eval_shape` / `jax.make_jaxpr`, so `params` allocates no
 weights and finishes in seconds even for the large sizes.
@@ -20,17 +25,26 @@ import jax.numpy as jnp
 import optax
 
 from configs import base
+from hiermt import partitioning
+from hiermt import train
 from hiermt import vocabulary
+from hiermt.data import pipeline
 from hiermt.models import decoder as decoder_lib
 from hiermt.models import transcriber
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("what", None, "what to measure: params | train_step")
+flags.DEFINE_string("what", None, "what to measure: params | train_step | loader | train")
 flags.DEFINE_list("sizes", ["nano", "micro", "tiny"], "train_step: decoder sizes (configs/base.py DECODER_SIZES)")
 flags.DEFINE_enum("encoder", "crnn", base.ENCODERS, "train_step: encoder whose features form the prefix")
 flags.DEFINE_integer("batch", 2, "train_step: examples per step")
 flags.DEFINE_integer("tokens", 1024, "train_step: tokens per example")
-flags.DEFINE_integer("steps", 2, "train_step: timed steps after one warm-up step")
+flags.DEFINE_integer("steps", 2, "train_step/train: timed steps after one warm-up step")
+flags.DEFINE_list("stages", list(base.STAGES), "loader/train: stages to measure")
+flags.DEFINE_string("data_dir", "", "loader/train: MAESTRO-layout corpus (empty: the generated runlocal corpus)")
+flags.DEFINE_integer("loader_batches", 100, "loader: timed batches after one warm-up batch")
+flags.DEFINE_integer("loader_batch", 16, "loader: examples per batch")
+flags.DEFINE_string("config_arg", "runlocal", "train: options appended to STAGE for configs/base.py")
+flags.DEFINE_integer("workers", 1, "train: Grain worker processes feeding the timed loop")
 
 # FLOPs are quoted for the onset stage's longest sequence.
 FLOPS_TOKENS = 1024
@@ -156,9 +170,77 @@ def train_step_report(sizes, encoder="crnn", batch=2, tokens=1024, steps=2) -> d
   return report
 
 
+def _stage_config(stage, options, data_dir):
+  config = base.get_config(f"{stage},{options}" if options else stage)
+  config.data.data_dir = data_dir
+  if not data_dir:  # the small generated corpus; loader speed does not depend on corpus size
+    config.data.generated_minutes = base.get_config(f"{stage},runlocal").data.generated_minutes
+  return config
+
+
+def loader_report(stages, batches, batch, data_dir="") -> dict:
+  """Examples/s of the input pipeline (in-process, i.e. one worker), per stage, at paper token lengths."""
+  report = {"batch": batch, "timed_batches": batches, "examples_per_s": {}, "max_tokens": {}}
+  for stage in stages:
+    config = _stage_config(stage, "", data_dir)
+    config.data.worker_count = 0
+    config.train.batch_size = batch
+    it = iter(pipeline.make_dataset(config, config.data.train_split, seed=0))
+    next(it)  # opens memory maps, caches notes
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    report["examples_per_s"][stage] = round(batches * batch / (time.perf_counter() - start), 1)
+    report["max_tokens"][stage] = config.data.max_tokens
+  return report
+
+
+def train_report(stages, options, steps, workers, data_dir="") -> dict:
+  """Train-step time with the real loader vs. one batch held in memory, per stage."""
+  report = {"devices": jax.device_count(), "device": jax.devices()[0].device_kind, "options": options,
+            "timed_steps": steps, "loader_workers": workers, "stages": {}}
+  for stage in stages:
+    config = _stage_config(stage, options, data_dir)
+    config.data.worker_count = workers
+    if stage != "encoder":
+      config.init_from = "none"
+    c = train.compile_steps(config)
+    it = iter(pipeline.make_dataset(config, config.data.train_split, seed=0))
+    host = next(it)
+    host.pop("truncated", None)
+    tokens = float(host["loss_mask"].sum()) if "loss_mask" in host else 0.0
+    fixed = partitioning.global_batch(c.mesh, host)
+    state, metrics = c.train_fn(c.state, fixed, c.step_rng)  # compile + warm-up
+    jax.block_until_ready(metrics)
+
+    def timed(next_batch, state):
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = c.train_fn(state, next_batch(), c.step_rng)
+      jax.block_until_ready(metrics)
+      return (time.perf_counter() - start) / steps, state
+
+    def from_loader():
+      batch = next(it)
+      batch.pop("truncated", None)
+      return partitioning.global_batch(c.mesh, batch)
+
+    in_memory, state = timed(lambda: fixed, state)
+    loader, state = timed(from_loader, state)
+    report["stages"][stage] = {
+        "decoder": None if stage == "encoder" else config.decoder.size, "encoder": config.encoder.name,
+        "batch": config.train.batch_size, "step_s_in_memory": round(in_memory, 4), "step_s_loader": round(loader, 4),
+        "loader_overhead": round(loader / in_memory - 1.0, 4),
+        "examples_per_s": round(config.train.batch_size / loader, 3),
+        "tokens_per_s": round(tokens / loader, 1) if tokens else None}
+  return report
+
+
 MODES = {
     "params": params_report,
     "train_step": lambda: train_step_report(FLAGS.sizes, FLAGS.encoder, FLAGS.batch, FLAGS.tokens, FLAGS.steps),
+    "loader": lambda: loader_report(FLAGS.stages, FLAGS.loader_batches, FLAGS.loader_batch, FLAGS.data_dir),
+    "train": lambda: train_report(FLAGS.stages, FLAGS.config_arg, FLAGS.steps, FLAGS.workers, FLAGS.data_dir),
 }
 
 

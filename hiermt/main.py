@@ -4,6 +4,8 @@ STAGE is encoder | onset_pitch | velocity | offset | flatten; any config field c
 be overridden with --config.KEY=VALUE (see configs/base.py for the fields).
 """
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -18,10 +20,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; each stage write
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _HiermtInfo(std_logging.Filter):
+  """Keeps INFO lines from hiermt itself; libraries (Orbax, Grain) only warn and above."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/hiermt/" in record.pathname.replace("\\", "/")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_HiermtInfo())
   train.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -77,11 +77,3 @@ def global_batch(mesh, local_batch):
   """Assembles each process's slice of the batch into global arrays split over the mesh."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
-
-
-def per_process_batch_size(global_batch_size):
-  """This process's share of the global batch; it must divide evenly over devices."""
-  if global_batch_size % jax.device_count():
-    raise ValueError(f"train.batch_size={global_batch_size} must be a multiple of the device count "
-                     f"{jax.device_count()} (set --config.train.batch_size)")
-  return global_batch_size // jax.process_count()

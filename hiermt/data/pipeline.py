@@ -44,7 +44,8 @@ def prepared_dir(config):
       logging.info("no data_dir configured: generating a %g-minute corpus into %s",
                    config.data.generated_minutes, data_dir)
       synth.build_corpus(data_dir, minutes=config.data.generated_minutes, seed=config.seed, cache_dir=cache)
-    return prepare.ensure_prepared(data_dir, config.data.prepared_dir)
+    return prepare.ensure_prepared(data_dir, config.data.prepared_dir, workers=config.data.worker_count,
+                                   sample_rate=config.data.sample_rate)
 
 
 @dataclasses.dataclass
@@ -134,7 +135,10 @@ def make_dataset(config, split, *, seed, num_batches=None, process_index=None, p
       sample_rate=config.data.sample_rate, encoder_fps=ENCODER_FPS[config.encoder.name],
       max_tokens=config.data.max_tokens)
   length = num_batches if num_batches is not None else 2**40
-  ds = grain.MapDataset.range(length).map(builder).to_iter_dataset()
+  # One reader thread a process (or worker) and a short read-ahead: Grain's default
+  # read-ahead of hundreds of elements would hold gigabytes of whole batches.
+  read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.data.prefetch_batches)
+  ds = grain.MapDataset.range(length).map(builder).to_iter_dataset(read)
   if config.data.worker_count > 0:
     # Grain's workers read its absl flags; outside an absl app (tests, notebooks) use defaults.
     if not flags.FLAGS.is_parsed():
