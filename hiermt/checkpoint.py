@@ -61,9 +61,15 @@ def load_encoder(directory):
         f"(python -m hiermt.main --config=configs/base.py:encoder --workdir=WORKDIR), "
         f"point --config.init_from at a stage directory that has one, or set --config.init_from=none "
         f"to start the encoder from scratch")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   manager.close()
-  state = restored["state"]
+  # Restore onto this process's first device whatever the saving topology was
+  # (other device count, other process count), using the saved shapes and dtypes.
+  path = os.path.join(ckpt_dir, str(step), "state")
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(path).item_metadata
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), saved)
+    state = checkpointer.restore(path, abstract)
   out = {}
   for collection in ("params", "batch_stats"):
     tree = state.get(collection) or {}

@@ -29,6 +29,7 @@ import os
 import pathlib
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,16 +75,24 @@ def _peak_rss_gib() -> float:
 
 
 def _time_steps(step, steps: int) -> dict:
-  """Runs `step()` (returns the loss as a float) once to warm up, then `steps` times under the clock."""
+  """Runs `step()` (returns the loss as a float) once to warm up, then `steps` times under the clock.
+
+  Wall time is what the issue asks for; process CPU time (all threads) is
+  reported beside it because, unlike wall time, it barely moves when other
+  programs share the cores.
+  """
   start = time.perf_counter()
   first_loss = step()
   warmup = time.perf_counter() - start
-  times, loss = [], first_loss
+  times, cpu_times, loss = [], [], first_loss
   for _ in range(steps):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss = step()
     times.append(time.perf_counter() - start)
-  return {"seconds_per_step": round(sum(times) / len(times), 4), "step_seconds": [round(t, 4) for t in times],
+    cpu_times.append(time.process_time() - cpu_start)
+  return {"seconds_per_step": round(statistics.median(times), 4), "min_seconds_per_step": round(min(times), 4),
+          "step_seconds": [round(t, 4) for t in times],
+          "cpu_seconds_per_step": round(statistics.median(cpu_times), 4),
           "warmup_seconds": round(warmup, 3), "first_loss": round(first_loss, 4), "last_loss": round(loss, 4),
           "peak_rss_gib": _peak_rss_gib(), "python": platform.python_version()}
 
@@ -232,9 +241,12 @@ def compare(official_repo, size: str = "tiny", batch: int = 5, tokens: int = 102
 
   Returns:
     JSON-ready dict: `official` and `hiermt` reports (seconds_per_step,
-    step_seconds, warmup_seconds, peak_rss_gib, losses, params, versions),
-    `speedup` (official / hiermt seconds per step), `params_match`, the shared
-    settings and the 1-minute load average before and after.
+    min_seconds_per_step, step_seconds, cpu_seconds_per_step, warmup_seconds,
+    peak_rss_gib, losses, params, versions); `speedup` (official / hiermt
+    median seconds per step), `speedup_min` (from the fastest steps) and
+    `speedup_cpu` (from CPU seconds, the least disturbed by other programs);
+    `params_match`; the shared settings; the 1-minute load average before
+    and after.
   """
   if min(batch, tokens, steps, threads) < 1:
     raise ValueError(f"batch, tokens, steps and threads must be >= 1, got {batch}, {tokens}, {steps}, {threads}")
@@ -262,6 +274,8 @@ def compare(official_repo, size: str = "tiny", batch: int = 5, tokens: int = 102
       "official": official,
       "hiermt": ours,
       "speedup": round(official["seconds_per_step"] / ours["seconds_per_step"], 3),
+      "speedup_min": round(official["min_seconds_per_step"] / ours["min_seconds_per_step"], 3),
+      "speedup_cpu": round(official["cpu_seconds_per_step"] / ours["cpu_seconds_per_step"], 3),
       "params_match": official["params"] == ours["params"],
       "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
   }

@@ -12,7 +12,7 @@ port=${PORT:-12355}
 pids=()
 for ((i = 0; i < n; i++)); do
   HIERMT_COORDINATOR="127.0.0.1:${port}" HIERMT_NUM_PROCESSES="$n" HIERMT_PROCESS_ID="$i" \
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4}" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4}" \
     "$PY" -m hiermt.main "$@" &
   pids+=($!)
 done

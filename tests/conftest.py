@@ -7,7 +7,10 @@ import pytest
 
 # Before anything imports jax.
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Tests compile many small programs and run each a few steps: XLA's backend
+# optimisations cost more compile time than they save here.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
