@@ -30,6 +30,17 @@ def corpus_cache(tmp_path_factory):
   return tmp_path_factory.mktemp("hiermt_cache")
 
 
+def override(config, **overrides):
+  """Sets dotted config fields, e.g. override(c, **{"train.steps": 2}); returns config."""
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 @pytest.fixture
 def runlocal_config(corpus_cache):
   """Factory: get_config('STAGE,runlocal[,...]') on the session's generated corpus."""
@@ -38,12 +49,6 @@ def runlocal_config(corpus_cache):
   def make(arg, **overrides):
     config = base.get_config(arg + ",runlocal" if "runlocal" not in arg else arg)
     config.data.cache_dir = str(corpus_cache)
-    for key, value in overrides.items():
-      node = config
-      *path, leaf = key.split(".")
-      for p in path:
-        node = node[p]
-      node[leaf] = value
-    return config
+    return override(config, **overrides)
 
   return make

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import load_base_config
+from conftest import override
 from hiermt import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,16 +38,11 @@ def _assert_same_losses(got, want):
 
 
 def _config(arg, cache, **overrides):
+  """`arg` at batch 8 (one example per forced device) on the session's corpus."""
   config = load_base_config().get_config(arg)
   config.data.cache_dir = str(cache)
   config.train.batch_size = 8
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
 def _cli_args(workdir, arg, cache, *flags):
