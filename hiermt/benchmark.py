@@ -10,6 +10,9 @@
   python -m hiermt.benchmark --what=train [--stages=...] [--config_arg=runlocal]
       Whole train steps (encoder + decoder, sharded, jitted) fed by the real
       loader and by one in-memory batch: step times, examples/s, tokens/s.
+  python -m hiermt.benchmark --what=vs_official --official_repo=DIR [--torch_python=PY] [--sizes=tiny,base]
+      The official PyTorch decoder training step and ours at equal configuration,
+      one after the other in one run (see hiermt/official_compare.py).
 
 Shapes come from `jax.eval_shape` / `jax.make_jaxpr`, so `params` allocates no
 weights and finishes in seconds even for the large sizes.
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from configs import base
+from hiermt import official_compare
 from hiermt import partitioning
 from hiermt import train
 from hiermt import vocabulary
@@ -33,7 +37,7 @@ from hiermt.models import decoder as decoder_lib
 from hiermt.models import transcriber
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("what", None, "what to measure: params | train_step | loader | train")
+flags.DEFINE_string("what", None, "what to measure: params | train_step | loader | train | vs_official")
 flags.DEFINE_list("sizes", ["nano", "micro", "tiny"], "train_step: decoder sizes (configs/base.py DECODER_SIZES)")
 flags.DEFINE_enum("encoder", "crnn", base.ENCODERS, "train_step: encoder whose features form the prefix")
 flags.DEFINE_integer("batch", 2, "train_step: examples per step")
@@ -45,6 +49,9 @@ flags.DEFINE_integer("loader_batches", 100, "loader: timed batches after one war
 flags.DEFINE_integer("loader_batch", 16, "loader: examples per batch")
 flags.DEFINE_string("config_arg", "runlocal", "train: options appended to STAGE for configs/base.py")
 flags.DEFINE_integer("workers", 1, "train: Grain worker processes feeding the timed loop")
+flags.DEFINE_string("official_repo", "", "vs_official: checkout of the official PyTorch repository")
+flags.DEFINE_string("torch_python", "", "vs_official: Python with torch for the official side (empty: this one)")
+flags.DEFINE_integer("threads", 2, "vs_official: CPUs each side is pinned to")
 
 # FLOPs are quoted for the onset stage's longest sequence.
 FLOPS_TOKENS = 1024
@@ -241,6 +248,9 @@ MODES = {
     "train_step": lambda: train_step_report(FLAGS.sizes, FLAGS.encoder, FLAGS.batch, FLAGS.tokens, FLAGS.steps),
     "loader": lambda: loader_report(FLAGS.stages, FLAGS.loader_batches, FLAGS.loader_batch, FLAGS.data_dir),
     "train": lambda: train_report(FLAGS.stages, FLAGS.config_arg, FLAGS.steps, FLAGS.workers, FLAGS.data_dir),
+    "vs_official": lambda: {size: official_compare.compare(FLAGS.official_repo, size, FLAGS.batch, FLAGS.tokens,
+                                                           FLAGS.steps, FLAGS.torch_python or None, FLAGS.threads)
+                            for size in FLAGS.sizes},
 }
 
 

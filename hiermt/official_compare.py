@@ -5,8 +5,8 @@ is never part of hiermt: `compare` loads its `models/enc_dec.py` (the
 cross-attention decoder `EncDecPos`) and `data/tokenizers.py` by path from a
 checkout the user supplies, and runs it under a Python that has PyTorch (the
 PyTorch wheel on hand may not match hiermt's Python, so `torch_python` can name
-another interpreter, e.g. one made with
-`python3.11 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch numpy`).
+another interpreter, e.g. `python3.11 -m venv /tmp/torchvenv` with torch (a CPU
+build) and numpy installed).
 
 Both sides train the same model on the same shapes: the paper size's
 layers/heads/dim, the official vocabulary (6504 ids, read from the checkout),
@@ -14,9 +14,11 @@ random precomputed CRNN features `[batch, 1001, 1536]` (a 10 s segment at
 100 fps; no encoder on either side), `batch` x `tokens` random token ids, next-
 token cross-entropy, and AdamW (lr 1e-4, weight decay 0.01, no clipping) in
 float32. One step is forward + backward + optimiser update; each side runs one
-untimed-for-the-mean warm-up step (for hiermt that includes compilation), then
-`steps` timed ones. Each side runs in its own fresh process, one after the
-other, pinned to the same `threads` CPUs, so the peak RSS is that side's alone.
+warm-up step, timed on its own (for hiermt it includes compilation), then
+`steps` timed ones summarised by their median. Each side runs in its own fresh
+process, one after the other, pinned to the same `threads` CPUs, so the peak RSS
+is that side's alone. Both processes inherit this one's environment, so e.g. an
+LD_PRELOAD'ed allocator or XLA_FLAGS apply to both (XLA_FLAGS only matters to hiermt).
 
 This file is also the worker both processes run, so its top level imports only
 the standard library: the official side's interpreter has neither jax nor hiermt.
@@ -44,7 +46,8 @@ LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.01  # PyTorch AdamW's default, which the official code keeps
 SIDES = ("official", "hiermt")
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_TORCH_HINT = ("python3.11 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch numpy, "
+_TORCH_HINT = ("python3.11 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install numpy torch "
+               "--extra-index-url https://download.pytorch.org/whl/cpu, "
                "then pass torch_python=/tmp/torchvenv/bin/python")
 
 
@@ -77,8 +80,8 @@ def _peak_rss_gib() -> float:
 def _time_steps(step, steps: int) -> dict:
   """Runs `step()` (returns the loss as a float) once to warm up, then `steps` times under the clock.
 
-  Wall time is what the issue asks for; process CPU time (all threads) is
-  reported beside it because, unlike wall time, it barely moves when other
+  Wall time is the headline number; process CPU time (all threads) is
+  reported beside it because it moves much less than wall time when other
   programs share the cores.
   """
   start = time.perf_counter()
@@ -123,7 +126,7 @@ def measure_official(official_repo, layers: int, heads: int, dim: int, vocab: in
 
   torch.manual_seed(0)
   enc_dec = _load_by_path(_official_file(official_repo, OFFICIAL_DECODER), "official_enc_dec")
-  # As train_llama_mt_on_crnn.py builds it, with the sequence length as block size.
+  # As train_llama_mt_on_crnn.py builds it (block size one more than the input length).
   config = enc_dec.EncDecConfig(block_size=tokens + 1, vocab_size=vocab, padded_vocab_size=vocab, n_layer=layers,
                                 n_head=heads, n_embd=dim, audio_n_embd=FEATURE_DIM)
   model = enc_dec.EncDecPos(config).train()
