@@ -189,7 +189,7 @@ def measure_hiermt(size: str, vocab: int, batch: int, tokens: int, steps: int) -
   token_ids = jax.random.randint(k_tokens, (batch, tokens), 1, vocab)  # [batch, tokens], no <pad>
   loss_mask = jnp.ones(token_ids.shape, jnp.float32)
   params = jax.jit(decoder.init)(k_init, token_ids, features)["params"]
-  tx = train.make_optimizer(config, params)
+  tx = train.make_optimizer(config)
 
   def loss_fn(p, tokens, features, loss_mask):
     logits = decoder.apply({"params": p}, tokens, features)  # [batch, tokens, vocab]

@@ -61,13 +61,14 @@ def learning_rate_schedule(config):
   return optax.join_schedules([warmup, after], [t.warmup_steps])
 
 
-def make_optimizer(config, params):
+def make_optimizer(config):
   """AdamW (+ global-norm clipping); a frozen encoder gets no updates at all."""
   tx = optax.chain(
       optax.clip_by_global_norm(config.train.grad_clip) if config.train.grad_clip > 0 else optax.identity(),
       optax.adamw(learning_rate_schedule(config), weight_decay=config.train.weight_decay))
   if config.stage != "encoder" and config.freeze_encoder:
-    labels = {k: ("frozen" if k == "encoder" else "train") for k in params}
+    # Labels from the parameter tree itself: its top level is {"encoder", "decoder"}.
+    labels = lambda params: {k: ("frozen" if k == "encoder" else "train") for k in params}  # noqa: E731
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx
 
@@ -283,9 +284,7 @@ def compile_steps(config, devices=None):
                      f"train.grad_accum x devices = {split}")
   model = transcriber.build_model(config)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  abstract_params = jax.eval_shape(lambda r: model.init(
-      {"params": r, "dropout": r}, *_example_inputs(config), train=False)["params"], init_rng)
-  tx = make_optimizer(config, abstract_params)
+  tx = make_optimizer(config)
   state, shardings = create_state(model, config, tx, mesh, init_rng)
   batch_sh = partitioning.batch_sharding(mesh)
   repl = partitioning.replicated(mesh)

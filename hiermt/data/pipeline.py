@@ -22,9 +22,11 @@ from hiermt import vocabulary
 from hiermt.data import prepare
 from hiermt.data import rolls
 from hiermt.data import synth
+from hiermt.models import crnn
+from hiermt.models import hppnet
 
-# Encoder frame rates (frames per second) for roll targets: CRNN 100, HPPNet 50.
-ENCODER_FPS = {"crnn": 100, "hppnet": 50}
+# Frame rate of each encoder's rolls, which the encoder-stage targets must match.
+ENCODER_FPS = {"crnn": crnn.CRNN.FRAMES_PER_SECOND, "hppnet": hppnet.HPPNet.FRAMES_PER_SECOND}
 
 
 def prepared_dir(config):
