@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hiermt.models import attention
+
 CONDITIONINGS = ("prefix", "cross")
 ROPE_BASE = 1e4
 RMS_EPS = 1e-5
@@ -152,7 +154,7 @@ class Attention(nn.Module):
         nn.DenseGeneral, features=(self.num_heads, dim // self.num_heads), use_bias=False,
         dtype=self.dtype, param_dtype=self.param_dtype)
     q = apply_rope(proj(name="query")(x), rope_positions)  # [batch, n, heads, head_dim]
-    mask, is_causal = None, False
+    mask = None
     if self.cross:
       if memory is not None:
         k, v = proj(name="key")(memory), proj(name="value")(memory)  # [batch, frames, heads, head_dim]
@@ -176,9 +178,10 @@ class Attention(nn.Module):
         k, v = cached_k.value, cached_v.value  # [batch, cache_len, heads, head_dim]
         # Unwritten slots lie after every query, so the causal mask also hides them.
         mask = (jnp.arange(k.shape[1])[None, :] <= positions[:, None])[None, None]  # [1, 1, n, cache_len]
-      else:
-        is_causal = True
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)  # [batch, n, heads, head_dim]
+    if self.decode:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [batch, n, heads, head_dim]
+    else:
+      out = attention.attend(q, k, v, causal=not self.cross)
     return nn.DenseGeneral(dim, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="out")(out)
 
