@@ -11,6 +11,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from hiermt import atomic_file
+
 
 def stage_dir(workdir, stage):
   return os.path.join(os.path.abspath(os.path.expanduser(workdir)), stage)
@@ -83,8 +85,6 @@ def write_config(directory, config):
   """Writes config.json (process 0 only), atomically."""
   if jax.process_index() != 0:
     return
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, "config.json")
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
+  with atomic_file.atomic_output(os.path.join(directory, "config.json")) as tmp:
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))

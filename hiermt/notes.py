@@ -14,11 +14,12 @@ import dataclasses
 import io
 import os
 import pathlib
-import tempfile
 
 from absl import logging
 import numpy as np
 import pretty_midi
+
+from hiermt import atomic_file
 
 # Token time resolution: 10 ms steps.
 STEPS_PER_SECOND = 100
@@ -260,8 +261,8 @@ def read_midi(path) -> Notes:
 def write_midi(notes: Notes, path) -> None:
   """Writes `notes` as a one-track piano MIDI file (program 0), atomically.
 
-  The file is written under a temporary name in the target folder and then
-  renamed, so a crash never leaves a half-written file at `path`. Times are
+  The file is written under a temporary name and then renamed, so a crash
+  never leaves a half-written file at `path`. Times are
   stored with 0.5 ms ticks (120 bpm, 1000 ticks per beat), so 10 ms grid
   times survive a write/read round trip.
   """
@@ -270,12 +271,5 @@ def write_midi(notes: Notes, path) -> None:
   piano.notes = [pretty_midi.Note(int(v), int(p), float(s), float(e))
                  for s, e, p, v in zip(notes.onset, notes.offset, notes.pitch, notes.velocity)]
   midi.instruments.append(piano)
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".mid")
-  os.close(fd)
-  try:
+  with atomic_file.atomic_output(path) as tmp:
     midi.write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise

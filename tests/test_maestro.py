@@ -126,18 +126,3 @@ def test_write_index_round_trip(tmp_path):
   assert maestro.load_index(str(tmp_path)) == from_csv
   assert [(p.year, p.duration, p.split) for p in from_csv] == [(r["year"], r["duration"], r["split"]) for r in ROWS]
   assert sorted(os.listdir(tmp_path)) == ["2004", "2006", "2018", maestro.JSON_NAME]
-
-
-def test_atomic_output_leaves_nothing_on_failure(tmp_path):
-  target = os.path.join(tmp_path, "sub", "file.bin")
-  with pytest.raises(KeyboardInterrupt):
-    with maestro.atomic_output(target) as tmp:
-      with open(tmp, "wb") as f:
-        f.write(b"half")
-      raise KeyboardInterrupt
-  assert os.listdir(os.path.join(tmp_path, "sub")) == []
-  with maestro.atomic_output(target) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(b"whole")
-  assert open(target, "rb").read() == b"whole"
-  assert os.listdir(os.path.join(tmp_path, "sub")) == ["file.bin"]

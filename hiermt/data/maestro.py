@@ -6,11 +6,12 @@ MAESTRO and the corpora of `hiermt.data.synth` share this layout, so everything
 downstream reads data through `load_index` / `pieces`.
 """
 
-import contextlib
 import csv
 import dataclasses
 import json
 import os
+
+from hiermt import atomic_file
 
 CSV_NAME = "maestro-v3.0.0.csv"
 JSON_NAME = "maestro-v3.0.0.json"
@@ -139,29 +140,12 @@ def write_index(data_dir, rows):
     if row["split"] not in SPLITS:
       raise ValueError(f"split {row['split']!r} of {row['midi_filename']}; valid: {', '.join(SPLITS)}")
   columns = {k: {str(i): row[k] for i, row in enumerate(rows)} for k in FIELDS}
-  with atomic_output(os.path.join(data_dir, JSON_NAME)) as tmp:
+  with atomic_file.atomic_output(os.path.join(data_dir, JSON_NAME)) as tmp:
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(columns, f, indent=1)
   # The CSV comes last: its presence marks a complete folder.
-  with atomic_output(os.path.join(data_dir, CSV_NAME)) as tmp:
+  with atomic_file.atomic_output(os.path.join(data_dir, CSV_NAME)) as tmp:
     with open(tmp, "w", newline="", encoding="utf-8") as f:
       writer = csv.DictWriter(f, fieldnames=FIELDS)
       writer.writeheader()
       writer.writerows({k: row[k] for k in FIELDS} for row in rows)
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-  """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds.
-
-  An interrupted writer therefore never leaves a half-written file under the final name.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)

@@ -24,6 +24,7 @@ from absl import logging
 import numpy as np
 import tqdm
 
+from hiermt import atomic_file
 from hiermt import audio
 from hiermt import notes as notes_lib
 from hiermt.data import maestro
@@ -78,11 +79,11 @@ def _prepare_piece(task):
   except (audio.AudioError, notes_lib.MidiError) as e:
     return piece_id, 0, str(e)
   pcm = np.round(wave * 32767.0).astype(np.int16)  # [samples]
-  with maestro.atomic_output(npy_path) as tmp:
+  with atomic_file.atomic_output(npy_path) as tmp:
     with open(tmp, "wb") as f:
       np.save(f, pcm)
   # The npz goes last: it is what marks the piece as prepared.
-  with maestro.atomic_output(npz_path) as tmp:
+  with atomic_file.atomic_output(npz_path) as tmp:
     with open(tmp, "wb") as f:
       np.savez(f, onset=piece_notes.onset, offset=piece_notes.offset, pitch=piece_notes.pitch,
                velocity=piece_notes.velocity, num_samples=np.int64(len(pcm)), source=np.array(json.dumps(record)))
@@ -156,7 +157,7 @@ def prepare(data_dir, prepared_dir="", *, workers=2, sample_rate=audio.SAMPLE_RA
   index = {"version": FORMAT_VERSION, "sample_rate": sample_rate, "data_dir": data_dir,
            "maestro_index": index_file, "maestro_index_stat": _stat(index_file), "splits": splits,
            "failed": [{"id": i, "error": e} for i, e in failed]}
-  with maestro.atomic_output(os.path.join(prepared_dir, INDEX_NAME)) as tmp:
+  with atomic_file.atomic_output(os.path.join(prepared_dir, INDEX_NAME)) as tmp:
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(index, f, indent=1)
   summary = Summary(prepared_dir, prepared=len(tasks) - len(failed), kept=len(pieces) - len(tasks), failed=failed)

@@ -39,6 +39,7 @@ import pretty_midi
 import soundfile
 import tqdm
 
+from hiermt import atomic_file
 from hiermt.data import maestro
 from hiermt.data import sources
 
@@ -576,7 +577,7 @@ def render(midi_path, wav_path, settings, sample_rate, duration):
   if peak > 0.99:  # dense fortissimo: scale down rather than clip
     audio *= 0.99 / peak
   pcm = np.round(audio * 32767).astype(np.int16)
-  with maestro.atomic_output(wav_path) as tmp:
+  with atomic_file.atomic_output(wav_path) as tmp:
     soundfile.write(tmp, pcm, rate, subtype="PCM_16", format="WAV")
 
 
@@ -637,7 +638,7 @@ def build_corpus(output_dir, minutes=DEFAULT_MINUTES, seed=0, *, sample_rate=160
       duration = round(piece.perf.end + TAIL_SECONDS, 3)
       data = midi_bytes(piece.perf)
       if not _up_to_date(midi_path, wav_path, data, sample_rate, duration):
-        with maestro.atomic_output(midi_path) as tmp:
+        with atomic_file.atomic_output(midi_path) as tmp:
           with open(tmp, "wb") as f:
             f.write(data)
         jobs.append(pool.submit(render, midi_path, wav_path, settings, sample_rate, duration))
@@ -659,7 +660,7 @@ def build_corpus(output_dir, minutes=DEFAULT_MINUTES, seed=0, *, sample_rate=160
     row["split"] = split
   manifest = {"minutes": minutes, "seed": seed, "sample_rate": sample_rate, "skipped_sources": skipped,
               "pieces": records}
-  with maestro.atomic_output(os.path.join(output_dir, MANIFEST_NAME)) as tmp:
+  with atomic_file.atomic_output(os.path.join(output_dir, MANIFEST_NAME)) as tmp:
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=1)
   maestro.write_index(output_dir, rows)
