@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine: Debian packages (FluidSynth, SoundFonts), a Python 3.12
+# Sets up a fresh machine: Debian packages (FluidSynth, SoundFonts, tcmalloc), a Python 3.12
 # virtual environment in .venv with hiermt installed editable. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -8,6 +8,7 @@ need_apt=()
 command -v fluidsynth >/dev/null 2>&1 || need_apt+=(fluidsynth)
 [ -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ] || need_apt+=(fluid-soundfont-gm)
 [ -f /usr/share/sounds/sf2/TimGM6mb.sf2 ] || need_apt+=(timgm6mb-soundfont)
+ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || need_apt+=(libtcmalloc-minimal4)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

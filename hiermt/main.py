@@ -2,7 +2,14 @@
 
 STAGE is encoder | onset_pitch | velocity | offset | flatten; any config field can
 be overridden with --config.KEY=VALUE (see configs/base.py for the fields).
+The command re-runs itself under tcmalloc when it is installed (hiermt/allocator.py;
+HIERMT_TCMALLOC=0 keeps the system allocator).
 """
+
+if __name__ == "__main__":
+  # First, so the heavy imports below happen only in the process that stays.
+  from hiermt import allocator
+  allocator.use_tcmalloc()
 
 import logging as std_logging
 
@@ -11,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hiermt import allocator
 from hiermt import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,6 +40,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_HiermtInfo())
+  logging.info("host allocator: %s", "tcmalloc" if allocator.tcmalloc_loaded() else
+               f"system (install libtcmalloc-minimal4 for faster CPU steps, or {allocator.ENV_SWITCH}=0 is set)")
   train.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -137,6 +137,7 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_run(encoder_run, lm_r
   out, _ = restarted.communicate(timeout=600)
   assert restarted.returncode == 0, out[-3000:]
   assert "from step 2" in out  # resumed from the checkpoint, not from a finished run
+  assert "host allocator: tcmalloc" in out  # main re-ran itself under tcmalloc (same pid, so SIGKILL hit it)
   _assert_same_losses(_losses(tmp_path, "onset_pitch"), want)
 
 
