@@ -7,9 +7,10 @@
       Forward + backward wall time per example of the decoder on this machine.
   python -m hiermt.benchmark --what=loader [--stages=...] [--data_dir=DIR]
       Examples/s of the Grain pipeline from one worker (in-process), per stage.
-  python -m hiermt.benchmark --what=train [--stages=...] [--config_arg=runlocal]
+  python -m hiermt.benchmark --what=train [--stages=...] [--config_arg=runlocal] [--steps=4 --rounds=5]
       Whole train steps (encoder + decoder, sharded, jitted) fed by the real
-      loader and by one in-memory batch: step times, examples/s, tokens/s.
+      loader and by one in-memory batch, in alternating rounds: median step
+      times, loader overhead, examples/s, tokens/s.
   python -m hiermt.benchmark --what=vs_official --official_repo=DIR [--torch_python=PY] [--sizes=tiny,base]
       The official PyTorch decoder training step and ours at equal configuration,
       one after the other in one run (see hiermt/official_compare.py).
@@ -18,7 +19,13 @@ Shapes come from `jax.eval_shape` / `jax.make_jaxpr`, so `params` allocates no
 weights and finishes in seconds even for the large sizes.
 """
 
+if __name__ == "__main__":
+  # First, so the heavy imports below happen only in the process that stays.
+  from hiermt import allocator
+  allocator.use_tcmalloc()
+
 import json
+import statistics
 import time
 
 from absl import app
@@ -28,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from configs import base
+from hiermt import flops
 from hiermt import official_compare
 from hiermt import partitioning
 from hiermt import train
@@ -42,7 +50,8 @@ flags.DEFINE_list("sizes", ["nano", "micro", "tiny"], "train_step: decoder sizes
 flags.DEFINE_enum("encoder", "crnn", base.ENCODERS, "train_step: encoder whose features form the prefix")
 flags.DEFINE_integer("batch", 2, "train_step: examples per step")
 flags.DEFINE_integer("tokens", 1024, "train_step: tokens per example")
-flags.DEFINE_integer("steps", 2, "train_step/train: timed steps after one warm-up step")
+flags.DEFINE_integer("steps", 2, "train_step: timed steps after one warm-up step; train: steps per round")
+flags.DEFINE_integer("rounds", 5, "train: alternating rounds of in-memory and loader-fed steps")
 flags.DEFINE_list("stages", list(base.STAGES), "loader/train: stages to measure")
 flags.DEFINE_string("data_dir", "", "loader/train: MAESTRO-layout corpus (empty: the generated runlocal corpus)")
 flags.DEFINE_integer("loader_batches", 100, "loader: timed batches after one warm-up batch")
@@ -73,35 +82,6 @@ def _decoder(size, conditioning="prefix", max_len=FLOPS_TOKENS):
   return decoder_lib.Decoder(vocabulary.VOCAB_SIZE, layers, heads, dim, max_len=max_len, conditioning=conditioning)
 
 
-def matmul_flops(jaxpr) -> int:
-  """2 x multiply-adds of every matmul and convolution in a jaxpr, loops included.
-
-  Scan bodies count `length` times and a `cond` counts its costliest branch.
-  Element-wise work and FFTs are left out. Unlike XLA's cost analysis, which
-  counts a loop body once, this gets recurrent layers (the CRNN's GRUs) right.
-  """
-  total = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      contracted = 1
-      for axis in lhs_contract:
-        contracted *= lhs[axis]
-      total += 2 * eqn.outvars[0].aval.size * contracted
-    elif name == "conv_general_dilated":
-      rhs = eqn.invars[1].aval.shape
-      out_channels = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-      total += 2 * eqn.outvars[0].aval.size * (eqn.invars[1].aval.size // out_channels)
-    elif name == "cond":
-      total += max(matmul_flops(branch) for branch in eqn.params["branches"])
-    else:
-      inner = sum(matmul_flops(v) for v in eqn.params.values() if hasattr(v, "eqns"))
-      total += inner * (eqn.params["length"] if name == "scan" else 1)
-  return total
-
-
 def params_report() -> dict:
   """Parameter counts and forward FLOPs per 10 s segment, as a JSON-ready dict."""
   key = jax.random.key(0)
@@ -115,14 +95,14 @@ def params_report() -> dict:
     apply = lambda v, a, e=encoder: e.apply(v, a, train=False)["features"]  # noqa: E731
     forward, features = jax.make_jaxpr(apply, return_shape=True)(variables, audio)  # features [1, frames, d_enc]
     report["encoder_features"][name] = {"frames": features.shape[1], "dim": features.shape[2]}
-    report["flops"]["encoder"][name] = matmul_flops(forward)
+    report["flops"]["encoder"][name] = flops.matmul_flops(forward)
     report["flops"]["decoder"][name] = {}
     tokens = jax.ShapeDtypeStruct((1, FLOPS_TOKENS), jnp.int32)
     for size in base.DECODER_SIZES:
       decoder = _decoder(size)
       variables = jax.eval_shape(decoder.init, key, tokens, features)
       forward = jax.make_jaxpr(decoder.apply)(variables, tokens, features)
-      report["flops"]["decoder"][name][size] = matmul_flops(forward)
+      report["flops"]["decoder"][name][size] = flops.matmul_flops(forward)
       report["decoder"]["prefix"][size] = decoder_lib.count_params(variables["params"])
 
   for size in base.DECODER_SIZES:
@@ -202,10 +182,18 @@ def loader_report(stages, batches, batch, data_dir="") -> dict:
   return report
 
 
-def train_report(stages, options, steps, workers, data_dir="") -> dict:
-  """Train-step time with the real loader vs. one batch held in memory, per stage."""
+def train_report(stages, options, steps, rounds, workers, data_dir="") -> dict:
+  """Train-step time with the real loader vs. one batch held in memory, per stage.
+
+  The two feeds alternate, `rounds` times `steps` steps each, and each side's
+  per-step time is the median over its rounds: a slow spell of a shared
+  machine then lands on both sides instead of biasing one.
+  `loader_wait_fraction` is the share of the loader-fed steps' wall time the
+  loop spent blocked in `next()`, i.e. waiting for data; it does not move with
+  the machine's load the way step times do.
+  """
   report = {"devices": jax.device_count(), "device": jax.devices()[0].device_kind, "options": options,
-            "timed_steps": steps, "loader_workers": workers, "stages": {}}
+            "steps_per_round": steps, "rounds": rounds, "loader_workers": workers, "stages": {}}
   for stage in stages:
     config = _stage_config(stage, options, data_dir)
     config.data.worker_count = workers
@@ -227,17 +215,29 @@ def train_report(stages, options, steps, workers, data_dir="") -> dict:
       jax.block_until_ready(metrics)
       return (time.perf_counter() - start) / steps, state
 
+    waits = []  # seconds the loop spent blocked on the loader, per loader-fed step
+
     def from_loader():
+      start = time.perf_counter()
       batch = next(it)
+      waits.append(time.perf_counter() - start)
       batch.pop("truncated", None)
       return partitioning.global_batch(c.mesh, batch)
 
-    in_memory, state = timed(lambda: fixed, state)
-    loader, state = timed(from_loader, state)
+    rounds_in_memory, rounds_loader = [], []
+    for _ in range(rounds):
+      seconds, state = timed(lambda: fixed, state)
+      rounds_in_memory.append(seconds)
+      seconds, state = timed(from_loader, state)
+      rounds_loader.append(seconds)
+    in_memory, loader = statistics.median(rounds_in_memory), statistics.median(rounds_loader)
     report["stages"][stage] = {
         "decoder": None if stage == "encoder" else config.decoder.size, "encoder": config.encoder.name,
         "batch": config.train.batch_size, "step_s_in_memory": round(in_memory, 4), "step_s_loader": round(loader, 4),
         "loader_overhead": round(loader / in_memory - 1.0, 4),
+        "loader_wait_fraction": round(sum(waits) / (sum(rounds_loader) * steps), 4),
+        "round_step_s_in_memory": [round(t, 4) for t in rounds_in_memory],
+        "round_step_s_loader": [round(t, 4) for t in rounds_loader],
         "examples_per_s": round(config.train.batch_size / loader, 3),
         "tokens_per_s": round(tokens / loader, 1) if tokens else None}
   return report
@@ -247,7 +247,8 @@ MODES = {
     "params": params_report,
     "train_step": lambda: train_step_report(FLAGS.sizes, FLAGS.encoder, FLAGS.batch, FLAGS.tokens, FLAGS.steps),
     "loader": lambda: loader_report(FLAGS.stages, FLAGS.loader_batches, FLAGS.loader_batch, FLAGS.data_dir),
-    "train": lambda: train_report(FLAGS.stages, FLAGS.config_arg, FLAGS.steps, FLAGS.workers, FLAGS.data_dir),
+    "train": lambda: train_report(FLAGS.stages, FLAGS.config_arg, FLAGS.steps, FLAGS.rounds, FLAGS.workers,
+                                     FLAGS.data_dir),
     "vs_official": lambda: {size: official_compare.compare(FLAGS.official_repo, size, FLAGS.batch, FLAGS.tokens,
                                                            FLAGS.steps, FLAGS.torch_python or None, FLAGS.threads)
                             for size in FLAGS.sizes},

@@ -37,6 +37,9 @@ import sys
 import tempfile
 import time
 
+# Square float32 matmul that measures each framework's matmul rate on the pinned CPUs.
+PEAK_MATMUL_SIZE = 2048
+
 OFFICIAL_DECODER = "models/enc_dec.py"
 OFFICIAL_TOKENIZER = "data/tokenizers.py"
 # Official training settings (train_llama_mt_on_crnn.py): CRNN features of a 10 s segment.
@@ -100,6 +103,19 @@ def _time_steps(step, steps: int) -> dict:
           "peak_rss_gib": _peak_rss_gib(), "python": platform.python_version()}
 
 
+def _best_rate(run, flop: float, repeats: int = 5) -> float:
+  """GFLOP/s of `run()` (blocks until done) from its fastest of `repeats` timed calls after a warm-up."""
+  run()
+  best = min(_timed(run) for _ in range(repeats))
+  return round(flop / best / 1e9, 1)
+
+
+def _timed(run) -> float:
+  start = time.perf_counter()
+  run()
+  return time.perf_counter() - start
+
+
 def _size(size: str):
   """(layers, heads, dim) of a configs/base.py DECODER_SIZES entry."""
   from configs import base
@@ -120,7 +136,8 @@ def measure_official(official_repo, layers: int, heads: int, dim: int, vocab: in
     steps: timed steps after the warm-up step.
 
   Returns:
-    `_time_steps`' dict plus `params`, `torch` (version) and `num_threads`.
+    `_time_steps`' dict plus `params`, `torch` (version), `num_threads` and
+    `matmul_gflops_per_s` (torch's rate on a 2048^3 float32 matmul).
   """
   import torch
 
@@ -146,8 +163,10 @@ def measure_official(official_repo, layers: int, heads: int, dim: int, vocab: in
     return loss.item()
 
   report = _time_steps(step, steps)
+  a, b = torch.randn(PEAK_MATMUL_SIZE, PEAK_MATMUL_SIZE), torch.randn(PEAK_MATMUL_SIZE, PEAK_MATMUL_SIZE)
   report.update(params=sum(p.numel() for p in model.parameters()), torch=torch.__version__,
-                num_threads=torch.get_num_threads())
+                num_threads=torch.get_num_threads(),
+                matmul_gflops_per_s=_best_rate(lambda: torch.mm(a, b), 2 * PEAK_MATMUL_SIZE**3))
   return report
 
 
@@ -172,12 +191,15 @@ def measure_hiermt(size: str, vocab: int, batch: int, tokens: int, steps: int) -
 
   Returns:
     `_time_steps`' dict (its warm-up includes compilation) plus `params`,
-    `remat` and the `jax`, `jaxlib` and `flax` versions.
+    `remat`, `step_gflop` (matmul work of forward + backward, from the
+    jaxpr), `matmul_gflops_per_s` (XLA's rate on a 2048^3 float32 matmul) and
+    the `jax`, `jaxlib` and `flax` versions.
   """
   import flax
   import jax
   import jax.numpy as jnp
   import optax
+  from hiermt import flops
   from hiermt import train
   from hiermt.models import decoder as decoder_lib
   from hiermt.models import transcriber
@@ -210,7 +232,12 @@ def measure_hiermt(size: str, vocab: int, batch: int, tokens: int, steps: int) -
     return float(loss)
 
   report = _time_steps(step, steps)
+  gradient = jax.make_jaxpr(jax.value_and_grad(loss_fn))(state["params"], token_ids, features, loss_mask)
+  a = jax.random.normal(k_init, (PEAK_MATMUL_SIZE, PEAK_MATMUL_SIZE))
+  matmul = jax.jit(lambda a: a @ a)
   report.update(params=decoder_lib.count_params(state["params"], exclude=()), remat=decoder.remat,
+                step_gflop=round(flops.matmul_flops(gradient.jaxpr) / 1e9, 3),
+                matmul_gflops_per_s=_best_rate(lambda: matmul(a).block_until_ready(), 2 * PEAK_MATMUL_SIZE**3),
                 jax=jax.__version__, jaxlib=jax.lib.__version__, flax=flax.__version__)
   return report
 
@@ -249,7 +276,10 @@ def compare(official_repo, size: str = "tiny", batch: int = 5, tokens: int = 102
     median seconds per step), `speedup_min` (from the fastest steps) and
     `speedup_cpu` (from CPU seconds, the least disturbed by other programs);
     `params_match`; the shared settings; the 1-minute load average before
-    and after.
+    and after; `speedup_ceiling`, the speed-up a step doing hiermt's matmul
+    work entirely at the faster framework's measured matmul rate
+    (`matmul_gflops_per_s`, a 2048^3 float32 matmul) would reach: no
+    implementation of this step on these CPUs gets past it.
   """
   if min(batch, tokens, steps, threads) < 1:
     raise ValueError(f"batch, tokens, steps and threads must be >= 1, got {batch}, {tokens}, {steps}, {threads}")
@@ -270,6 +300,11 @@ def compare(official_repo, size: str = "tiny", batch: int = 5, tokens: int = 102
   load_before = os.getloadavg()[0]
   official = _run_side(torch_python, "official", spec)
   ours = _run_side(sys.executable, "hiermt", spec)
+  # Rates at hiermt's matmul count (the official code's is no smaller: it also
+  # computes the masked half of causal attention).
+  for report in (official, ours):
+    report["gflops_per_s"] = round(ours["step_gflop"] / report["seconds_per_step"], 1)
+  peak = max(official["matmul_gflops_per_s"], ours["matmul_gflops_per_s"])
   return {
       "settings": dict(spec, frames=FRAMES, feature_dim=FEATURE_DIM, dtype="float32",
                        optimizer=f"AdamW lr={LEARNING_RATE} weight_decay={WEIGHT_DECAY}, no clipping",
@@ -279,6 +314,7 @@ def compare(official_repo, size: str = "tiny", batch: int = 5, tokens: int = 102
       "speedup": round(official["seconds_per_step"] / ours["seconds_per_step"], 3),
       "speedup_min": round(official["min_seconds_per_step"] / ours["min_seconds_per_step"], 3),
       "speedup_cpu": round(official["cpu_seconds_per_step"] / ours["cpu_seconds_per_step"], 3),
+      "speedup_ceiling": round(peak / official["gflops_per_s"], 3),
       "params_match": official["params"] == ours["params"],
       "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
   }

@@ -32,6 +32,10 @@ def test_hiermt_side_trains_the_official_architecture():
   assert report["remat"] is False
   assert report["last_loss"] < report["first_loss"]  # the timed step really updated the parameters
   assert report["seconds_per_step"] > 0 and len(report["step_seconds"]) == 1
+  # Forward + backward matmuls: at least 3 x 2 x (non-embedding parameters) per token.
+  dense = report["params"] - 2 * vocab * decoder.dim
+  assert report["step_gflop"] * 1e9 >= 3 * 2 * dense * 16 * 0.9
+  assert report["matmul_gflops_per_s"] > 0
 
 
 def test_compare_rejects_bad_arguments(tmp_path):

@@ -165,13 +165,6 @@ def test_benchmark_params_reports_counts_and_flops(capsys):
     assert flops["base"] > 0.9 * 2 * report["decoder"]["prefix"]["base"] * positions
 
 
-def test_matmul_flops_counts_scan_bodies_length_times():
-  w = jnp.ones((8, 8))
-  step = lambda h, _: (h @ w, None)  # noqa: E731
-  jaxpr = jax.make_jaxpr(lambda h: jax.lax.scan(step, h, None, length=5)[0])(jnp.ones((3, 8)))
-  assert benchmark.matmul_flops(jaxpr) == 5 * 2 * 3 * 8 * 8
-
-
 def test_benchmark_rejects_an_unknown_mode():
   with pytest.raises(app.UsageError, match="--what"):
     _run_benchmark("nonsense")
