@@ -1,12 +1,13 @@
 """Full-sequence (training) attention for the decoder.
 
-On GPUs and TPUs `jax.nn.dot_product_attention` lowers to a fused kernel
-(cuDNN flash attention where it applies). XLA:CPU has no fused kernel: it
-builds the whole `[batch, heads, queries, keys]` score tensor, and for causal
-attention half of it is masked-out work. There `attend` splits the queries
-into chunks and gives each chunk only the keys it may see, which skips the
-upper triangle's matmuls and softmax passes and keeps only the visible part of
-the probabilities for the backward pass.
+`jax.nn.dot_product_attention`'s XLA form builds the whole `[batch, heads,
+queries, keys]` score tensor; for causal attention half of it is masked-out
+work. XLA's GPU and TPU compilers fuse the softmax around the two matmuls, and
+there `attend` uses it as it is (its cuDNN flash-attention form is not selected
+automatically and has not been tried on a GPU here). XLA:CPU fuses little, so
+on CPU `attend` splits the queries into chunks and gives each chunk only the
+keys it may see, which skips the upper triangle's matmuls and softmax passes
+and keeps only the visible part of the probabilities for the backward pass.
 """
 
 import jax
