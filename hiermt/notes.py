@@ -12,7 +12,6 @@ share one definition.
 
 import dataclasses
 import io
-import os
 import pathlib
 
 from absl import logging

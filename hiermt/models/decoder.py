@@ -169,7 +169,8 @@ class Attention(nn.Module):
     mask = None
     if self.cross:
       if memory is not None:
-        k, v = rowwise(proj(name="key"), memory), rowwise(proj(name="value"), memory)  # [batch, frames, heads, head_dim]
+        k = rowwise(proj(name="key"), memory)  # [batch, frames, heads, head_dim]
+        v = rowwise(proj(name="value"), memory)
       if self.decode:
         shape = None if memory is None else k.shape
         cached_k = self.variable("cache", "cached_cross_key", jnp.zeros, shape, self.dtype)
@@ -212,14 +213,14 @@ class Block(nn.Module):
   def __call__(self, x, positions, rope_positions, memory):
     """x `[batch, n, dim]` -> `[batch, n, dim]`."""
     norm = functools.partial(nn.RMSNorm, epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
-    attention = functools.partial(
+    attention_layer = functools.partial(
         Attention, self.num_heads, decode=self.decode, cache_len=self.cache_len,
         dtype=self.dtype, param_dtype=self.param_dtype)
     mlp = functools.partial(SwiGLU, swiglu_hidden(x.shape[-1]), dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + attention(cross=False, name="self_attn")(norm(name="attn_norm")(x), positions, rope_positions)
+    x = x + attention_layer(cross=False, name="self_attn")(norm(name="attn_norm")(x), positions, rope_positions)
     x = x + mlp(name="mlp")(norm(name="mlp_norm")(x))
     if self.cross:
-      x = x + attention(cross=True, name="cross_attn")(
+      x = x + attention_layer(cross=True, name="cross_attn")(
           norm(name="cross_norm")(x), positions, rope_positions, memory)
       x = x + mlp(name="cross_mlp")(norm(name="cross_mlp_norm")(x))
     return x
