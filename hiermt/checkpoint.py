@@ -45,6 +45,44 @@ def restore_latest(manager, abstract_state, data_iter):
   return restored["state"], step
 
 
+def has_checkpoint(directory) -> bool:
+  """Whether a stage directory holds a finished checkpoint (Orbax names them by step)."""
+  ckpt_dir = os.path.join(directory, "checkpoints")
+  return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+
+
+def load_variables(directory, missing_hint):
+  """Params and batch statistics of the newest checkpoint in a stage directory, as host arrays.
+
+  Restores onto this process's first device whatever the saving topology was
+  (other device or process count), using the saved shapes and dtypes; the
+  optimizer state is read from disk but not kept.
+
+  Args:
+    directory: WORKDIR/STAGE.
+    missing_hint: what to do when there is no checkpoint (appended to the error).
+
+  Returns:
+    ({"params": ..., "batch_stats": ...}, step).
+  Raises:
+    FileNotFoundError: no checkpoint in `directory`.
+  """
+  ckpt_dir = os.path.join(directory, "checkpoints")
+  manager = ocp.CheckpointManager(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+  step = manager.latest_step() if manager else None
+  if manager:
+    manager.close()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}. {missing_hint}")
+  path = os.path.join(ckpt_dir, str(step), "state")
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(path).item_metadata
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), saved)
+    state = checkpointer.restore(path, abstract)
+  return {c: state.get(c) or {} for c in ("params", "batch_stats")}, step
+
+
 def load_encoder(directory):
   """Params (and batch statistics) of the encoder from the newest checkpoint in `directory`.
 
@@ -54,31 +92,29 @@ def load_encoder(directory):
   Raises:
     FileNotFoundError: no checkpoint there, with what to run first.
   """
-  ckpt_dir = os.path.join(directory, "checkpoints")
-  manager = ocp.CheckpointManager(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-  step = manager.latest_step() if manager else None
-  if step is None:
-    raise FileNotFoundError(
-        f"no encoder checkpoint in {directory}. Pretrain the encoder first "
-        f"(python -m hiermt.main --config=configs/base.py:encoder --workdir=WORKDIR), "
-        f"point --config.init_from at a stage directory that has one, or set --config.init_from=none "
-        f"to start the encoder from scratch")
-  manager.close()
-  # Restore onto this process's first device whatever the saving topology was
-  # (other device count, other process count), using the saved shapes and dtypes.
-  path = os.path.join(ckpt_dir, str(step), "state")
-  with ocp.StandardCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(path).item_metadata
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), saved)
-    state = checkpointer.restore(path, abstract)
-  out = {}
-  for collection in ("params", "batch_stats"):
-    tree = state.get(collection) or {}
-    # The encoder stage trains the encoder alone; LM stages nest it under "encoder".
-    out[collection] = tree.get("encoder", tree) if isinstance(tree, dict) else tree
+  variables, step = load_variables(
+      directory,
+      "Pretrain the encoder first (python -m hiermt.main --config=configs/base.py:encoder --workdir=WORKDIR), "
+      "point --config.init_from at a stage directory that has one, or set --config.init_from=none "
+      "to start the encoder from scratch")
+  # The encoder stage trains the encoder alone; LM stages nest it under "encoder".
+  out = {c: tree.get("encoder", tree) if isinstance(tree, dict) else tree for c, tree in variables.items()}
   logging.info("encoder initialised from %s (step %d)", directory, step)
   return out
+
+
+def write_stage(directory, config, state):
+  """Writes `state` as the newest checkpoint of a stage directory, with its config.json.
+
+  For checkpoints made outside the training loop (imported encoders, tests,
+  benchmarks): `transcribe.load` and the encoder hand-over read them like any
+  other; they hold no data-iterator state, so training does not resume from them.
+  """
+  write_config(directory, config)
+  manager = make_manager(directory, config)
+  manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+  manager.wait_until_finished()
+  manager.close()
 
 
 def write_config(directory, config):

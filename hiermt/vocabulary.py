@@ -63,7 +63,7 @@ _TARGET_SLOTS = {
     "flatten": (True, True, True, True),
 }
 # Field stored in each group slot.
-_FIELDS = {
+FIELDS = {
     "onset_pitch": ("onset", "pitch"),
     "velocity": ("onset", "pitch", "velocity"),
     "offset": ("onset", "pitch", "offset"),
@@ -169,7 +169,7 @@ def encode_segment(notes: notes_lib.Notes, start: float, stage: str) -> tuple[np
   off = np.where(offset[idx] > s1, NOTE_SUSTAIN, time_id(np.minimum(offset[idx], s1) - s0))
   columns = {"onset": on, "pitch": pitch_id(notes.pitch[idx]), "offset": off,
              "velocity": velocity_id(notes.velocity[idx])}
-  groups = np.stack([columns[f] for f in _FIELDS[stage]], axis=1)  # [n, group_length]
+  groups = np.stack([columns[f] for f in FIELDS[stage]], axis=1)  # [n, group_length]
   tokens = np.concatenate([[SOS, TASK_IDS[stage]], groups.ravel(), [EOS]]).astype(np.int32)
   mask = np.concatenate([[False, False], np.tile(_TARGET_SLOTS[stage], len(idx)), [True]])
   return tokens, mask
@@ -236,7 +236,7 @@ def decode_segment(tokens, stage: str) -> dict[str, np.ndarray]:
       current = []
   groups = np.asarray(groups, np.int64).reshape(-1, length)  # [n, group_length]
   out = {}
-  for j, field in enumerate(_FIELDS[stage]):
+  for j, field in enumerate(FIELDS[stage]):
     column = groups[:, j]
     if field in ("onset", "offset"):
       out[field] = np.where(column == NOTE_SUSTAIN, SUSTAIN_STEP, id_to_step(column))

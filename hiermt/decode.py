@@ -1,0 +1,305 @@
+"""Greedy note-token decoding for every stage: KV-cached, batched, jitted.
+
+Two loops serve the four stage layouts (`vocabulary.LAYOUTS`):
+
+* **free** (`onset_pitch`, `flatten`): from `<sos> <task>` the model writes
+  every token, one per step, until each sequence of the batch has written
+  `<eos>` or `max_len` tokens. Each step feeds one token through the KV cache.
+* **forced** (`velocity`, `offset`): the `on pitch` tokens of every note are
+  known (stage 1, or carried notes); only the answer slot is generated. The
+  prefill feeds `<sos> <task> on_0 pitch_0`; every later step feeds the chunk
+  `answer_{i-1} on_i pitch_i` and reads one answer, so a segment of n notes
+  costs n decoder calls (not 3n).
+
+Both are one `lax.while_loop` over a batch of segments with fixed shapes: it
+stops early once every row has finished, and the loop body is the same
+whatever the stage, conditioning (`prefix`, `cross`) or size.
+
+A small grammar (`allowed_tokens`) masks impossible tokens before the argmax:
+a time where a time must come and a pitch where a pitch must come; onset times
+never go backwards within a segment and notes of one onset come in rising
+pitch (so a sequence cannot repeat a note); `note_sustain` onsets only before
+the first timed onset (carried notes are listed first); offsets after their
+onset (a carried note's offset at step >= 1); velocities 1..127; `<eos>` only
+between notes; pitches within the piano's 88 keys.
+
+`decode_uncached` is the official code's strategy — full recompute of the
+sequence for every token, one forward pass per note in stages 2-3 — with the
+same grammar: tests check that it writes exactly the tokens of the cached
+loops, and `benchmark --what=decode` times both.
+"""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hiermt import vocabulary as vocab
+from hiermt.models import transcriber
+
+FREE_STAGES = ("onset_pitch", "flatten")
+FORCED_STAGES = ("velocity", "offset")
+LOWEST_PIANO_PITCH, HIGHEST_PIANO_PITCH = 21, 108
+# Onsets lie in the half-open segment [0, 1000) (vocabulary.encode_segment).
+LAST_ONSET_STEP = vocab.SEGMENT_STEPS - 1
+
+
+@flax.struct.dataclass
+class GrammarState:
+  """Where each sequence of a batch stands in its note grammar; every field [batch] int32/bool."""
+  slot: jax.Array  # next slot of the note group, 0..group_length-1
+  current_onset: jax.Array  # onset step of the open group; SUSTAIN_STEP for note_sustain
+  previous_onset: jax.Array  # onset step of the last timed note, -1 before the first
+  previous_pitch: jax.Array  # pitch of the last timed note, -1 before the first
+  carried_pitch: jax.Array  # pitch of the last carried (note_sustain) note, -1 before the first
+  timed: jax.Array  # bool: a timed onset has been written (no more note_sustain onsets)
+
+  @classmethod
+  def start(cls, batch: int) -> "GrammarState":
+    """The state before the first note group."""
+    minus_one = jnp.full((batch,), -1, jnp.int32)
+    return cls(jnp.zeros((batch,), jnp.int32), minus_one, minus_one, minus_one, minus_one,
+               jnp.zeros((batch,), bool))
+
+
+_IDS = np.arange(vocab.VOCAB_SIZE)
+_STEP = _IDS - vocab.TIME_OFFSET  # time step of a time id (garbage elsewhere)
+_IS_TIME = (_IDS >= vocab.TIME_OFFSET) & (_IDS < vocab.TIME_OFFSET + vocab.NUM_TIMES)
+_PITCH = _IDS - vocab.PITCH_OFFSET
+_IS_PIANO_PITCH = (_PITCH >= LOWEST_PIANO_PITCH) & (_PITCH <= HIGHEST_PIANO_PITCH)
+_VELOCITY = _IDS - vocab.VELOCITY_OFFSET
+_IS_VELOCITY = (_VELOCITY >= 1) & (_VELOCITY < vocab.NUM_VELOCITIES)
+_IS_SUSTAIN = _IDS == vocab.NOTE_SUSTAIN
+_IS_EOS = _IDS == vocab.EOS
+
+
+def _field_mask(stage: str, field: str, state: GrammarState) -> jax.Array:
+  """bool [batch, vocab]: ids allowed in a slot holding `field`, given each row's state."""
+  step, pitch = jnp.asarray(_STEP)[None], jnp.asarray(_PITCH)[None]  # [1, vocab]
+  col = lambda x: x[:, None]  # noqa: E731  [batch] -> [batch, 1]
+  sustain_ok = "sustain" in vocab.LAYOUTS[stage][0]
+  if field == "onset":
+    first = jnp.maximum(state.previous_onset, 0)
+    timed = jnp.asarray(_IS_TIME)[None] & (step >= col(first)) & (step <= LAST_ONSET_STEP)
+    carried = jnp.asarray(_IS_SUSTAIN)[None] & col(~state.timed) if sustain_ok else False
+    return timed | carried | jnp.asarray(_IS_EOS)[None]
+  if field == "pitch":
+    carried = col(state.current_onset == vocab.SUSTAIN_STEP)
+    same_onset = col(state.current_onset == state.previous_onset)
+    lowest = jnp.where(carried, col(state.carried_pitch),
+                       jnp.where(same_onset, col(state.previous_pitch) + 1, 0))
+    return jnp.asarray(_IS_PIANO_PITCH)[None] & (pitch >= lowest)
+  if field == "offset":
+    # A carried note still sounding at the segment start ended no earlier than step 1.
+    first = jnp.where(state.current_onset == vocab.SUSTAIN_STEP, 1, state.current_onset + 1)
+    return (jnp.asarray(_IS_TIME)[None] & (step >= col(first))) | jnp.asarray(_IS_SUSTAIN)[None]
+  if field == "velocity":
+    return jnp.broadcast_to(jnp.asarray(_IS_VELOCITY)[None], (state.slot.shape[0], vocab.VOCAB_SIZE))
+  raise ValueError(f"unknown field {field!r}")
+
+
+def allowed_tokens(stage: str, state: GrammarState) -> jax.Array:
+  """The grammar: bool [batch, vocab], the ids each row may write next."""
+  fields = vocab.FIELDS[stage]
+  masks = jnp.stack([_field_mask(stage, f, state) for f in fields])  # [group_length, batch, vocab]
+  return jnp.take_along_axis(masks, state.slot[None, :, None], axis=0)[0]
+
+
+def advance(stage: str, state: GrammarState, token: jax.Array) -> GrammarState:
+  """The state after each row writes `token` [batch] (its slot's field)."""
+  fields = vocab.FIELDS[stage]
+  field_at = lambda name: state.slot == fields.index(name)  # noqa: E731
+  is_onset, is_pitch = field_at("onset"), field_at("pitch")
+  onset = jnp.where(token == vocab.NOTE_SUSTAIN, vocab.SUSTAIN_STEP, token - vocab.TIME_OFFSET)
+  current_onset = jnp.where(is_onset, onset, state.current_onset)
+  carried = state.current_onset == vocab.SUSTAIN_STEP
+  pitch = token - vocab.PITCH_OFFSET
+  return GrammarState(
+      slot=(state.slot + 1) % len(fields),
+      current_onset=current_onset,
+      previous_onset=jnp.where(is_pitch & ~carried, state.current_onset, state.previous_onset),
+      previous_pitch=jnp.where(is_pitch & ~carried, pitch, state.previous_pitch),
+      carried_pitch=jnp.where(is_pitch & carried, pitch, state.carried_pitch),
+      timed=state.timed | (is_onset & (token != vocab.NOTE_SUSTAIN) & (token != vocab.EOS)),
+  )
+
+
+def _pick(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+  """Greedy choice among allowed ids: int32 [batch] from logits/allowed [batch, vocab]."""
+  return jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(jnp.int32)
+
+
+def _answer_state(on_tokens):
+  """Grammar state at the answer slot of notes whose onset tokens are `on_tokens` [batch]."""
+  state = GrammarState.start(on_tokens.shape[0])
+  onset = jnp.where(on_tokens == vocab.NOTE_SUSTAIN, vocab.SUSTAIN_STEP, on_tokens - vocab.TIME_OFFSET)
+  return state.replace(slot=jnp.full_like(state.slot, 2), current_onset=onset)
+
+
+def _prompt(stage, batch):
+  return jnp.tile(jnp.asarray([[vocab.SOS, vocab.TASK_IDS[stage]]], jnp.int32), (batch, 1))  # [batch, 2]
+
+
+# ----------------------------------------------------------------------------
+# Cached loops
+# ----------------------------------------------------------------------------
+def _decode_call(model, params, cache, tokens, features=None):
+  """One KV-cached decoder call: (logits [batch, n, vocab], new cache)."""
+  logits, mutated = model.apply({"params": params, "cache": cache}, tokens, features,
+                                method=transcriber.Transcriber.decode, mutable=["cache"])
+  return logits, mutated["cache"]
+
+
+def free_run(model, stage: str, max_len: int, params, features, stop_at_eos: bool = True):
+  """Free greedy decoding of a batch of segments (`onset_pitch` or `flatten`).
+
+  Args:
+    model: the stage's `Transcriber` (its decoder's max_len >= `max_len`).
+    stage: "onset_pitch" or "flatten".
+    max_len: tokens per sequence, `<sos> <task>` and `<eos>` included.
+    params: the stage's parameters.
+    features: encoder features [batch, frames, d_enc].
+    stop_at_eos: False masks `<eos>`, so every row writes exactly `max_len`
+      tokens: benchmarks use it to time a chosen token count with untrained weights.
+
+  Returns:
+    tokens int32 [batch, max_len]: `<sos> <task> ... <eos>` then PAD; a row
+    without `<eos>` ran out of room (truncated).
+  """
+  if stage not in FREE_STAGES:
+    raise ValueError(f"free_run decodes {FREE_STAGES}, not {stage!r}")
+  batch = features.shape[0]
+  prompt = _prompt(stage, batch)
+  logits, cache = _decode_call(model, params, model.init_cache(features), prompt, features)
+  tokens = jnp.full((batch, max_len), vocab.PAD, jnp.int32).at[:, :2].set(prompt)
+
+  def cond(carry):
+    position, _, _, _, _, done = carry
+    return (position < max_len) & ~jnp.all(done)
+
+  def body(carry):
+    position, tokens, logits, cache, state, done = carry
+    allowed = allowed_tokens(stage, state)
+    if not stop_at_eos:
+      allowed = allowed.at[:, vocab.EOS].set(False)
+    token = jnp.where(done, vocab.PAD, _pick(logits, allowed))  # [batch]
+    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, position))
+    state = advance(stage, state, token)
+    done = done | (token == vocab.EOS)
+    logits, cache = _decode_call(model, params, cache, token[:, None])
+    return position + 1, tokens, logits[:, -1], cache, state, done
+
+  carry = (jnp.asarray(2, jnp.int32), tokens, logits[:, -1], cache, GrammarState.start(batch),
+           jnp.zeros((batch,), bool))
+  return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def forced_run(model, stage: str, params, features, on_tokens, pitch_tokens, num_notes):
+  """Answers of a batch of segments whose `on pitch` tokens are given (`velocity` or `offset`).
+
+  Args:
+    model: the stage's `Transcriber`; its decoder must hold 2 + 3 * notes tokens.
+    stage: "velocity" or "offset".
+    params: the stage's parameters.
+    features: encoder features [batch, frames, d_enc].
+    on_tokens, pitch_tokens: int32 [batch, notes], each row's notes in sequence
+      order (`vocabulary.encode_segment`); entries past `num_notes` are ignored.
+    num_notes: int32 [batch], notes per row.
+
+  Returns:
+    int32 [batch, notes]: the answer token of every note (velocity id, or
+    offset time id / note_sustain); PAD past `num_notes`.
+  """
+  if stage not in FORCED_STAGES:
+    raise ValueError(f"forced_run decodes {FORCED_STAGES}, not {stage!r}")
+  batch, notes = on_tokens.shape
+  prompt = jnp.concatenate([_prompt(stage, batch), on_tokens[:, :1], pitch_tokens[:, :1]], axis=1)  # [batch, 4]
+  logits, cache = _decode_call(model, params, model.init_cache(features), prompt, features)
+  answers = jnp.full((batch, notes), vocab.PAD, jnp.int32)
+  last = jnp.max(num_notes)
+
+  def cond(carry):
+    return carry[0] < last
+
+  def body(carry):
+    i, answers, logits, cache = carry
+    on = jax.lax.dynamic_index_in_dim(on_tokens, i, axis=1, keepdims=False)  # [batch]
+    answer = _pick(logits, allowed_tokens(stage, _answer_state(on)))
+    answer = jnp.where(i < num_notes, answer, vocab.PAD)
+    answers = jax.lax.dynamic_update_slice(answers, answer[:, None], (0, i))
+    # The next chunk: this answer, then the next note's known tokens.
+    nxt = jnp.minimum(i + 1, notes - 1)
+    chunk = jnp.stack([answer, jax.lax.dynamic_index_in_dim(on_tokens, nxt, 1, False),
+                       jax.lax.dynamic_index_in_dim(pitch_tokens, nxt, 1, False)], axis=1)  # [batch, 3]
+    def feed():
+      new_logits, new_cache = _decode_call(model, params, cache, chunk)
+      return new_logits[:, -1], new_cache
+
+    # The last answer needs no further call.
+    logits, cache = jax.lax.cond(i + 1 < last, feed, lambda: (logits, cache))
+    return i + 1, answers, logits, cache
+
+  return jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), answers, logits[:, -1], cache))[1]
+
+
+# ----------------------------------------------------------------------------
+# The official strategy (reference and benchmark baseline)
+# ----------------------------------------------------------------------------
+def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pitch_tokens=None,
+                    num_notes=None):
+  """Greedy decoding by full recompute: one segment at a time, every step re-runs the whole sequence.
+
+  Same arguments and results as `free_run` / `forced_run` (numpy in, numpy
+  out); forced stages run one forward pass per note, as the official code.
+  """
+  forward = _uncached_forward(model)
+  features = np.asarray(features)
+  if stage in FREE_STAGES:
+    out = np.full((features.shape[0], max_len), vocab.PAD, np.int32)
+    for b in range(features.shape[0]):
+      sequence = [vocab.SOS, vocab.TASK_IDS[stage]]
+      state = GrammarState.start(1)
+      while len(sequence) < max_len:
+        logits = forward(params, jnp.asarray([sequence], jnp.int32), features[b:b + 1])
+        token = _pick(logits, allowed_tokens(stage, state))
+        sequence.append(int(token[0]))
+        state = advance(stage, state, token)
+        if sequence[-1] == vocab.EOS:
+          break
+      out[b, :len(sequence)] = sequence
+    return out
+  out = np.full(on_tokens.shape, vocab.PAD, np.int32)
+  for b in range(features.shape[0]):
+    sequence = [vocab.SOS, vocab.TASK_IDS[stage]]
+    for i in range(int(num_notes[b])):
+      sequence += [int(on_tokens[b, i]), int(pitch_tokens[b, i])]
+      logits = forward(params, jnp.asarray([sequence], jnp.int32), features[b:b + 1])
+      answer = _pick(logits, allowed_tokens(stage, _answer_state(jnp.asarray(on_tokens[b, i:i + 1]))))
+      out[b, i] = int(answer[0])
+      sequence.append(out[b, i])
+  return out
+
+
+def _uncached_forward(model):
+  """jitted (params, tokens [1, n], features [1, frames, d]) -> logits [1, vocab] of the last token."""
+
+  def forward(params, tokens, features):
+    logits = model.apply({"params": params}, tokens, features,
+                         method=lambda m, t, f: m.decoder(t, f))  # [1, n, vocab]
+    return logits[:, -1]
+
+  return jax.jit(forward)
+
+
+def jitted(model, stage: str, max_len: int, stop_at_eos: bool = True):
+  """The stage's cached decoding loop, jitted (one compilation per input shape).
+
+  Returns `fn(params, features) -> tokens` for free stages (see `free_run` for
+  `stop_at_eos`) and `fn(params, features, on_tokens, pitch_tokens, num_notes)
+  -> answers` for forced ones.
+  """
+  if stage in FREE_STAGES:
+    return jax.jit(functools.partial(free_run, model, stage, max_len, stop_at_eos=stop_at_eos))
+  return jax.jit(functools.partial(forced_run, model, stage))

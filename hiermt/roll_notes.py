@@ -1,0 +1,272 @@
+"""Notes from an encoder's frame-level piano rolls: the "Roll" baseline.
+
+Each encoder comes with the note extraction its authors published, and the
+baseline is only fair if it decodes exactly as they did:
+
+  crnn    Kong et al. (2021): `RegressionPostProcessor` of
+          piano_transcription_inference 0.0.6 (utilities.py) with
+          `note_detection_with_onset_offset_regress` (piano_vad.py). Onsets
+          and offsets are peaks of the regression rolls, placed between frames
+          by interpolating the peak; a note ends at an offset peak or where the
+          frame roll falls to the threshold, at the next onset of its pitch, or
+          after 600 frames. Pedals are not decoded.
+  hppnet  Wei et al. (2022): `extract_notes` of HPPNet (hppnet/decoding.py),
+          the Onsets and Frames rule with onset peak picking, and the velocity
+          scaling of its `save_midi` (hppnet/midi.py).
+
+Both are vectorised over frames and pitches but give the reference's notes on
+the same rolls, rounding included, except where its note would be invalid as
+`Notes`: a note Kong's code makes empty or reversed gets one frame, velocities
+are clipped to 1..127 (the references can emit 0, Kong's also 128), and a peak
+with a flat top, where Kong's interpolation divides 0 by 0, sits on its frame
+instead of at NaN.
+
+Rolls are float [frames, 88] probabilities; column j is MIDI pitch 21 + j.
+"""
+
+import numpy as np
+
+from hiermt import notes as notes_lib
+from hiermt.data import rolls as rolls_lib
+
+ROLL_NAMES = ("onset", "offset", "frame", "velocity")
+DEFAULT_THRESHOLDS = {
+    # Kong's inference package (PianoTranscription in inference.py).
+    "crnn": {"onset": 0.3, "offset": 0.3, "frame": 0.1},
+    # HPPNet tests at 0.4 / 0.4 (evaluate.py's command-line defaults and train.py's test
+    # thresholds); the 0.5 defaults of its evaluate() and extract_notes are only used for
+    # validation during training.
+    "hppnet": {"onset": 0.4, "frame": 0.4},
+}
+
+# Kong: frames that must be monotonic on each side of an onset / offset peak.
+_CRNN_ONSET_NEIGHBOUR = 2
+_CRNN_OFFSET_NEIGHBOUR = 4
+# Kong caps notes in frames, not seconds (6 s at his 100 fps).
+_CRNN_MAX_FRAMES = 600
+# Kong's config.velocity_scale: the velocity roll is trained on MIDI velocity / 128.
+_CRNN_VELOCITY_SCALE = 128
+_HPPNET_MAX_FRAMES = 1000
+# HPPNet's save_midi writes int(velocity * 127), although its targets are velocity / 128.
+_HPPNET_VELOCITY_SCALE = 127
+
+
+def _check_rolls(rolls):
+  """The four rolls as float arrays [frames, 88]; raises ValueError on bad input."""
+  missing = [name for name in ROLL_NAMES if name not in rolls]
+  if missing:
+    raise ValueError(f"rolls lack {missing}; need {', '.join(ROLL_NAMES)}")
+  arrays = []
+  for name in ROLL_NAMES:
+    roll = np.asarray(rolls[name])
+    # float32 rolls stay float32, so thresholds and peak shifts round as in the references.
+    if roll.dtype not in (np.float32, np.float64):
+      roll = roll.astype(np.float64)
+    if roll.ndim != 2 or roll.shape[1] != rolls_lib.NUM_KEYS:
+      raise ValueError(f"roll {name!r} must have shape [frames, {rolls_lib.NUM_KEYS}], got {roll.shape}")
+    if not np.all(np.isfinite(roll)):
+      raise ValueError(f"roll {name!r} has non-finite values")
+    arrays.append(roll)
+  shapes = {name: roll.shape for name, roll in zip(ROLL_NAMES, arrays)}
+  if len(set(shapes.values())) != 1:
+    raise ValueError(f"rolls must have the same number of frames, got shapes {shapes}")
+  return arrays
+
+
+def _check_fps(frames_per_second):
+  if not frames_per_second > 0:
+    raise ValueError(f"frames_per_second must be positive, got {frames_per_second}")
+
+
+def _next_index(mask):
+  """int64 [frames + 1, 88]: at row t, the first frame >= t where `mask` is set, else frames.
+
+  The extra last row lets callers look one frame past the end.
+  """
+  frames = mask.shape[0]
+  index = np.where(mask, np.arange(frames)[:, None], frames)  # [frames, 88]
+  index = np.minimum.accumulate(index[::-1], axis=0)[::-1]
+  return np.concatenate([index, np.full((1, mask.shape[1]), frames)])
+
+
+def _regression_peaks(reg, threshold, neighbour):
+  """Kong's `get_binarized_output_from_regression`: peaks of a regression roll.
+
+  A frame n in [neighbour, frames - neighbour) is a peak when reg[n] > threshold
+  and reg does not rise over the `neighbour` frames before n nor over those
+  after it (so every frame of a plateau can be a peak). Its shift, in frames
+  within [-0.5, 0.5], is where two lines of opposite slope cross: one through
+  the peak and its lower neighbour, one through its other neighbour (Kong et
+  al. 2021, Section III-D).
+
+  Returns:
+    (peak bool [frames, 88], shift [frames, 88] in reg's dtype, 0 off peaks).
+  """
+  frames = reg.shape[0]
+  peak = np.zeros(reg.shape, bool)
+  shift = np.zeros_like(reg)
+  if frames <= 2 * neighbour:
+    return peak, shift
+
+  def at(k):  # reg[n + k] for every candidate n: [frames - 2 * neighbour, 88]
+    return reg[neighbour + k:frames - neighbour + k]
+
+  candidate = at(0) > threshold
+  for i in range(neighbour):
+    candidate &= (at(-i) >= at(-i - 1)) & (at(i) >= at(i + 1))
+  before, centre, after = at(-1), at(0), at(1)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    # The same float operations as Kong's, in the roll's dtype, so the shifts match bit for bit.
+    crossing = (after - before) / (centre - np.minimum(before, after)) / 2
+  peak[neighbour:frames - neighbour] = candidate
+  # A flat top (before == centre == after) gives 0 / 0 in Kong's code: keep it on its frame.
+  shift[neighbour:frames - neighbour] = np.where(candidate & np.isfinite(crossing), crossing, 0)
+  return peak, shift
+
+
+def crnn_notes(rolls, frames_per_second=100,
+               onset_threshold=DEFAULT_THRESHOLDS["crnn"]["onset"],
+               offset_threshold=DEFAULT_THRESHOLDS["crnn"]["offset"],
+               frame_threshold=DEFAULT_THRESHOLDS["crnn"]["frame"]) -> notes_lib.Notes:
+  """Notes from CRNN rolls, as Kong's `RegressionPostProcessor` extracts them.
+
+  Every onset peak starts a note of its pitch, at (frame + shift) / fps. The
+  note ends at whichever comes first:
+    - the next onset peak of the pitch: at the frame before it, unshifted;
+    - the first frame f after the onset with frame roll <= frame_threshold:
+      at the first offset peak o in (onset, f] if o is nearer to f than to
+      the onset frame ((o - onset) > (f - o)), else at f, plus the offset
+      shift of that frame;
+    - 600 frames after the onset, or the last frame: there, plus its offset
+      shift.
+  Ties go to the first rule listed. Times are rounded to float32 as Kong's
+  post-processor returns them; a note that would end at or before its onset
+  ends one frame after it. Velocity is int(velocity roll at the onset frame *
+  128), clipped to 1..127.
+
+  Args:
+    rolls: dict with "onset" and "offset" (regression rolls), "frame" and
+      "velocity": float [frames, 88]; other keys are ignored.
+    frames_per_second: frame rate of the rolls (100 for Kong's CRNN).
+    onset_threshold, offset_threshold: a regression peak must exceed these.
+    frame_threshold: the frame roll at or below this ends a note.
+
+  Returns:
+    Notes; Notes.empty() if there are none.
+  """
+  onset, offset, frame, velocity = _check_rolls(rolls)
+  _check_fps(frames_per_second)
+  frames = onset.shape[0]
+  onset_peak, onset_shift = _regression_peaks(onset, onset_threshold, _CRNN_ONSET_NEIGHBOUR)
+  offset_peak, offset_shift = _regression_peaks(offset, offset_threshold, _CRNN_OFFSET_NEIGHBOUR)
+  start, key = np.nonzero(onset_peak)  # [n] each
+  if not len(start):
+    return notes_lib.Notes.empty()
+
+  # Candidate ends of each note, searched from the frame after its onset.
+  next_onset = _next_index(onset_peak)[start + 1, key]  # [n]
+  frame_gone = _next_index(frame <= frame_threshold)[start + 1, key]
+  first_offset = _next_index(offset_peak)[start + 1, key]
+  cap = np.minimum(start + _CRNN_MAX_FRAMES, frames - 1)
+
+  by_onset = next_onset <= np.minimum(frame_gone, cap)
+  by_frame = ~by_onset & (frame_gone <= cap)
+  offset_first = (first_offset <= frame_gone) & (first_offset - start > frame_gone - first_offset)
+  end = np.where(by_onset, next_onset - 1,
+                 np.where(by_frame, np.where(offset_first, first_offset, frame_gone), cap))  # [n]
+  # A note cut by the next onset gets no offset shift.
+  end_shift = np.where(by_onset, 0.0, offset_shift[end, key].astype(np.float64))
+
+  # Kong sums frame and shift in float64 and returns times as float32.
+  onset_time = ((start + onset_shift[start, key].astype(np.float64)) / frames_per_second
+                ).astype(np.float32).astype(np.float64)
+  offset_time = ((end + end_shift) / frames_per_second).astype(np.float32).astype(np.float64)
+  # Plateau onsets or a cut right after an onset can leave a note empty or reversed: give it a
+  # frame. Valid notes, however short, stay as Kong makes them.
+  offset_time = np.where(offset_time > onset_time, offset_time, onset_time + 1 / frames_per_second)
+  # Kong: int(float32 velocity * 128); the product is exact, so floor is his truncation.
+  scaled = np.floor(velocity[start, key].astype(np.float32) * np.float32(_CRNN_VELOCITY_SCALE))
+  return notes_lib.Notes.create(onset_time, offset_time, key + rolls_lib.MIN_PITCH,
+                                np.clip(scaled, 1, 127).astype(np.int32))
+
+
+def hppnet_notes(rolls, frames_per_second=50,
+                 onset_threshold=DEFAULT_THRESHOLDS["hppnet"]["onset"],
+                 frame_threshold=DEFAULT_THRESHOLDS["hppnet"]["frame"]) -> notes_lib.Notes:
+  """Notes from HPPNet rolls, as HPPNet's `extract_notes` and `save_midi` make them.
+
+  Onset candidates are frames whose onset probability no neighbour exceeds
+  (each frame of a plateau counts) and that exceed onset_threshold. Each run
+  of consecutive candidates of a pitch starts one note at its first frame s.
+  The note lasts while the frame roll stays above frame_threshold from frame
+  s + 1 on (the frame roll at s itself is not looked at), at least one frame
+  and at most 1000 frames. Its velocity is int(mean velocity roll over the
+  run * 127), clipped to 1..127. Times are frame / fps. The offset roll is
+  not used.
+
+  Args:
+    rolls: dict with "onset", "offset", "frame", "velocity": float [frames, 88];
+      other keys are ignored.
+    frames_per_second: frame rate of the rolls (50 for HPPNet).
+    onset_threshold, frame_threshold: probabilities must exceed these.
+
+  Returns:
+    Notes; Notes.empty() if there are none (always for fewer than 2 frames,
+    where HPPNet's peak picking finds no peaks).
+  """
+  onset, _, frame, velocity = _check_rolls(rolls)
+  _check_fps(frames_per_second)
+  frames = onset.shape[0]
+  if frames < 2:
+    return notes_lib.Notes.empty()
+  peak = np.ones(onset.shape, bool)  # [frames, 88]
+  peak[:-1] &= onset[:-1] >= onset[1:]
+  peak[1:] &= onset[1:] >= onset[:-1]
+  active = np.where(peak, onset, 0) > onset_threshold  # [frames, 88]
+  first = active & ~np.concatenate([np.zeros((1, active.shape[1]), bool), active[:-1]])
+  start, key = np.nonzero(first)  # [n] each
+  if not len(start):
+    return notes_lib.Notes.empty()
+
+  # Frames held from s + 1 on; the sentinel row of _next_index makes it 0 for s = frames - 1.
+  held = _next_index(frame <= frame_threshold)[start + 1, key] - (start + 1)  # [n]
+  end = np.maximum(start + np.minimum(held, _HPPNET_MAX_FRAMES), start + 1)
+  run_end = _next_index(~active)[start, key]
+  # Per-note means in float64, as numpy averages HPPNet's list of samples (runs are short).
+  mean = np.array([velocity[s:e, k].astype(np.float64).mean() for s, e, k in zip(start, run_end, key)])
+  scaled = np.trunc(mean * _HPPNET_VELOCITY_SCALE)
+  # HPPNet multiplies frames by hop / sample rate, the same double as 1 / fps for its 50 fps.
+  seconds_per_frame = 1 / frames_per_second
+  return notes_lib.Notes.create(start * seconds_per_frame, end * seconds_per_frame,
+                                key + rolls_lib.MIN_PITCH, np.clip(scaled, 1, 127).astype(np.int32))
+
+
+_DECODERS = {"crnn": crnn_notes, "hppnet": hppnet_notes}
+
+
+def rolls_to_notes(rolls, encoder: str, frames_per_second: float,
+                   thresholds: dict | None = None) -> notes_lib.Notes:
+  """Notes from the rolls of a whole piece, decoded as the encoder's authors do.
+
+  Args:
+    rolls: dict with "onset", "offset", "frame", "velocity": float
+      [frames, 88] probabilities, column j being MIDI pitch 21 + j.
+    encoder: "crnn" or "hppnet".
+    frames_per_second: frame rate of the rolls (100 for crnn, 50 for hppnet).
+    thresholds: overrides of DEFAULT_THRESHOLDS[encoder], e.g. {"onset": 0.5}.
+
+  Returns:
+    Notes.
+
+  Raises:
+    ValueError: unknown encoder or threshold name, or malformed rolls.
+  """
+  if encoder not in _DECODERS:
+    raise ValueError(f"unknown encoder {encoder!r}; valid encoders: {', '.join(_DECODERS)}")
+  merged = dict(DEFAULT_THRESHOLDS[encoder])
+  unknown = sorted(set(thresholds or {}) - set(merged))
+  if unknown:
+    raise ValueError(f"unknown {encoder} thresholds {unknown}; valid keys: {', '.join(merged)}")
+  merged.update(thresholds or {})
+  return _DECODERS[encoder](rolls, frames_per_second,
+                            **{f"{name}_threshold": value for name, value in merged.items()})

@@ -1,0 +1,375 @@
+"""Audio in, MIDI out, with the trained stages of a workdir.
+
+  python -m hiermt.transcribe --workdir=DIR [--layout=hierarchy|flatten|roll] --output_dir=OUT AUDIO...
+
+AUDIO are files (WAV, FLAC, MP3, OGG; any sample rate, stereo is averaged to
+mono) or folders, whose audio files are all transcribed. Each becomes
+OUT/<stem>.mid: one piano track with velocities and note-offs, written
+atomically. An unreadable file is reported by name and the others are still
+transcribed; the exit status is 1 when any file failed, 2 when the models
+cannot be loaded.
+
+Layouts:
+  hierarchy  onset_pitch -> velocity -> offset stages (the paper's method)
+  flatten    the one-sequence baseline (`flatten` stage)
+  roll       the encoder's own rolls (`encoder` stage), decoded with the
+             encoder's published post-processing (hiermt/roll_notes.py)
+
+The audio is cut into 10 s segments (the last one zero-padded); segments are
+processed in chunks of `--batch_segments`, each chunk going through every stage
+before the next, so memory stays bounded for any length. Within a chunk all
+segments are decoded as one batch (hiermt/decode.py); notes sustained across
+segments are stitched by hiermt/stitch.py. Python API:
+
+  t = transcribe.load(workdir, layout="hierarchy")
+  notes = t.transcribe("piece.flac")     # or a float32 16 kHz mono array
+"""
+
+if __name__ == "__main__":
+  # First, so the heavy imports below happen only in the process that stays.
+  from hiermt import allocator
+  allocator.use_tcmalloc()
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from hiermt import audio as audio_lib
+from hiermt import checkpoint
+from hiermt import decode
+from hiermt import notes as notes_lib
+from hiermt import roll_notes
+from hiermt import stitch
+from hiermt import vocabulary as vocab
+from hiermt.models import transcriber
+
+LAYOUTS = {"hierarchy": ("onset_pitch", "velocity", "offset"), "flatten": ("flatten",), "roll": ("encoder",)}
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".aif", ".aiff")
+SEGMENT_SAMPLES = int(vocab.SEGMENT_SECONDS * audio_lib.SAMPLE_RATE)
+# A pitch counts as still sounding at a segment start when its frame roll is on there (offset-chain guess).
+_SOUNDING_THRESHOLD = 0.5
+_NOTE_BUCKET = 32
+
+
+def _train_command(stage, workdir):
+  return f"python -m hiermt.main --config=configs/base.py:{stage} --workdir={workdir}"
+
+
+def available_layouts(workdir) -> list[str]:
+  """The layouts whose stages all have a checkpoint in `workdir` (in LAYOUTS order)."""
+  return [layout for layout, stages in LAYOUTS.items()
+          if all(checkpoint.has_checkpoint(checkpoint.stage_dir(workdir, s)) for s in stages)]
+
+
+def _pow2_at_most(n, cap):
+  """The smallest power of two >= n, but at most `cap` (bounds the number of compiled shapes)."""
+  return min(cap, 1 << max(0, int(n) - 1).bit_length())
+
+
+class StageModel:
+  """One trained stage: its config, module, variables and jitted encoder / decoding loop."""
+
+  def __init__(self, workdir, stage, fixed_tokens=None):
+    directory = checkpoint.stage_dir(workdir, stage)
+    hint = f"Train it first: {_train_command(stage, workdir)}"
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+      raise FileNotFoundError(f"stage {stage!r} is not trained in {workdir} (no {config_path}). {hint}")
+    with open(config_path) as f:
+      self.config = ml_collections.ConfigDict(json.load(f))
+    if self.config.stage != stage:
+      raise ValueError(f"{config_path} is for stage {self.config.stage!r}, expected {stage!r}")
+    self.stage = stage
+    self.model = transcriber.build_model(self.config)
+    variables, self.step = checkpoint.load_variables(directory, f"Stage {stage!r} has no checkpoint yet. {hint}")
+    self.variables = {k: v for k, v in variables.items() if v}
+    self.frames_per_second = type(self.model.encoder).FRAMES_PER_SECOND
+    self._encode = jax.jit(lambda v, a: self.model.apply(v, a, method=lambda m, x: m.encoder(x, train=False)))
+    if stage == "encoder":
+      self._decode = None
+    elif fixed_tokens and stage in decode.FREE_STAGES:
+      self._decode = decode.jitted(self.model, stage, min(fixed_tokens, self.config.data.max_tokens),
+                                   stop_at_eos=False)
+    else:
+      self._decode = decode.jitted(self.model, stage, self.config.data.max_tokens)
+
+  def encode(self, segments):
+    """Encoder outputs (rolls and `features`) of float32 audio [batch, samples], as device arrays."""
+    return self._encode(self.variables, jnp.asarray(segments))
+
+  def free(self, features, rows):
+    """Free decoding (onset_pitch, flatten) of the first `rows` of `features`: int32 [rows, max_len] tokens."""
+    return np.asarray(self._decode(self.variables["params"], features))[:rows]
+
+  @property
+  def max_notes(self):
+    """Most notes one forced sequence holds: <sos> <task> (on pitch answer)* <eos> in max_tokens."""
+    return (self.config.data.max_tokens - 3) // 3
+
+  def forced(self, features, queries, table):
+    """Forced decoding (velocity, offset) of one query per feature row.
+
+    Args:
+      features: [batch, frames, d_enc] (batch >= len(queries); extra rows are padding).
+      queries: list of (segment k, note ids, number carried in), one per row.
+      table: the piece's `stitch.NoteTable`.
+
+    Returns:
+      One answer-token array per query. Notes past `max_notes` in a segment are
+      not decoded; they get the stage's placeholder (logged).
+    """
+    cap = self.max_notes
+    longest = max([len(ids) for _, ids, _ in queries] + [1])
+    width = min(cap, -(-longest // _NOTE_BUCKET) * _NOTE_BUCKET)
+    on = np.full((features.shape[0], width), vocab.PAD, np.int32)
+    pitch = np.full_like(on, vocab.PAD)
+    count = np.zeros(features.shape[0], np.int32)
+    for row, (k, ids, carried) in enumerate(queries):
+      ids = ids[:cap]
+      count[row] = len(ids)
+      on[row, :len(ids)], pitch[row, :len(ids)] = table.tokens(ids, k, carried)
+    answers = np.asarray(self._decode(self.variables["params"], features, on, pitch, count))
+    out = []
+    for row, (k, ids, carried) in enumerate(queries):
+      answer = np.concatenate([answers[row, :count[row]], self._placeholder(table, ids[cap:], k)])
+      out.append(answer.astype(np.int32))
+      if len(ids) > cap:
+        logging.warning("segment %d has %d notes; the %s stage holds %d (config.data.max_tokens); "
+                        "placeholders for the rest", k, len(ids), self.stage, cap)
+    return out
+
+  def _placeholder(self, table, ids, k):
+    if self.stage == "velocity":
+      return np.full(len(ids), vocab.velocity_id(vocab.PLACEHOLDER_VELOCITY))
+    start = np.maximum(table.onset[ids] - k * vocab.SEGMENT_STEPS, 0)
+    return vocab.time_id(np.minimum(start + vocab.PLACEHOLDER_DURATION_STEPS, vocab.SEGMENT_STEPS))
+
+
+class NoteTranscriber:
+  """Trained stages of one layout; `transcribe(audio)` -> Notes. Build with `load`."""
+
+  def __init__(self, layout, stages, batch_segments):
+    self.layout = layout
+    self.stages = stages
+    self.batch_segments = batch_segments
+    self.last_chain = []  # (rounds, decoded segments, segments) of each chunk's offset chain, for benchmarks
+
+  def transcribe(self, audio, progress=False, name="") -> notes_lib.Notes:
+    """Notes of a recording.
+
+    Args:
+      audio: a path (any format `audio.load_audio` reads) or float32 [samples] 16 kHz mono audio.
+      progress: show one progress bar per stage.
+      name: label of the progress bars (default: the file name).
+
+    Raises:
+      audio.AudioError: the file cannot be decoded.
+    """
+    if isinstance(audio, (str, os.PathLike)):
+      name = name or os.path.basename(os.fspath(audio))
+      audio = audio_lib.load_audio(audio)
+    audio = np.asarray(audio, np.float32)
+    if audio.ndim != 1:
+      raise ValueError(f"audio must be mono [samples] at {audio_lib.SAMPLE_RATE} Hz, got shape {audio.shape}; "
+                       "average the channels first (or pass the file path)")
+    duration = len(audio) / audio_lib.SAMPLE_RATE
+    if not len(audio):
+      return notes_lib.Notes.empty()
+    count = -(-len(audio) // SEGMENT_SAMPLES)
+    segments = audio_lib.pad_or_crop(audio, count * SEGMENT_SAMPLES).reshape(count, SEGMENT_SAMPLES)
+    bars = {s: tqdm.tqdm(total=count, desc=f"{name or 'audio'} [{s}]", unit="seg", disable=not progress,
+                         leave=False) for s in LAYOUTS[self.layout]}
+    try:
+      run = {"hierarchy": self._hierarchy, "flatten": self._flatten, "roll": self._roll}[self.layout]
+      return run(segments, duration, bars)
+    finally:
+      for bar in bars.values():
+        bar.close()
+
+  def _chunks(self, count):
+    for start in range(0, count, self.batch_segments):
+      yield start, min(count, start + self.batch_segments)
+
+  def _padded(self, segments):
+    """The chunk's segments zero-padded to a power-of-two batch: ([batch, samples], rows)."""
+    rows = len(segments)
+    batch = _pow2_at_most(rows, self.batch_segments)
+    return np.pad(segments, ((0, batch - rows), (0, 0))), rows
+
+  def _hierarchy(self, segments, duration, bars):
+    onset, velocity, offset = (self.stages[s] for s in LAYOUTS["hierarchy"])
+    table = stitch.NoteTable.from_onset_tokens([])
+    velocities, offsets, carried = [], {}, np.zeros(0, np.int64)
+    self.last_chain = []
+    for start, stop in self._chunks(len(segments)):
+      chunk, rows = self._padded(segments[start:stop])
+      ks = range(start, stop)
+      tokens = onset.free(onset.encode(chunk)["features"], rows)
+      table = table.extend(stitch.NoteTable.from_onset_tokens(tokens, first_segment=start))
+      bars["onset_pitch"].update(rows)
+
+      queries = [(k, table.inside(k), 0) for k in ks]
+      answers = velocity.forced(velocity.encode(chunk)["features"], queries, table)
+      velocities += [vocab.id_to_velocity(a) for a in answers]
+      bars["velocity"].update(rows)
+
+      out = offset.encode(chunk)
+      frame = np.asarray(out["frame"][:rows, :2].mean(axis=1))  # [rows, 88] roll at each segment start
+      guesses = {k: stitch.guess_carried(table, k, 21 + np.flatnonzero(frame[k - start] >= _SOUNDING_THRESHOLD))
+                 for k in ks}
+      features = out["features"]
+
+      def decode_rows(queries, features=features, start=start):
+        rows_of = np.array([k - start for k, _, _ in queries])
+        batch = _pow2_at_most(len(rows_of), self.batch_segments)
+        picked = features[np.pad(rows_of, (0, batch - len(rows_of)))]
+        return offset.forced(picked, queries, table)
+
+      result = stitch.chain_offsets(table, ks, carried, guesses, decode_rows)
+      offsets.update(result.offset)
+      carried = result.carried_out
+      self.last_chain.append((result.rounds, result.decoded_segments, rows))
+      bars["offset"].update(rows)
+    velocity = np.concatenate(velocities) if velocities else np.zeros(0, np.int64)
+    return stitch.piece_notes(table, velocity, offsets, duration)
+
+  def _flatten(self, segments, duration, bars):
+    stage = self.stages["flatten"]
+    tokens = []
+    for start, stop in self._chunks(len(segments)):
+      chunk, rows = self._padded(segments[start:stop])
+      tokens += list(stage.free(stage.encode(chunk)["features"], rows))
+      bars["flatten"].update(rows)
+    return stitch.clip_to_duration(vocab.decode_piece(tokens, "flatten"), duration)
+
+  def _roll(self, segments, duration, bars):
+    """Kong's inference windows: 10 s windows every 5 s, each keeping its middle half
+    (the first and last windows keep their outer quarter too), so no frame is
+    predicted from the edge of a window."""
+    stage = self.stages["encoder"]
+    audio = segments.reshape(-1)
+    half = SEGMENT_SAMPLES // 2
+    windows = np.stack([audio[s:s + SEGMENT_SAMPLES] for s in range(0, len(audio) - half, half)])  # [w, samples]
+    per_window = int(vocab.SEGMENT_SECONDS * stage.frames_per_second)  # frames kept per window (last one dropped)
+    quarter = per_window // 4
+    rolls = {k: [] for k in ("onset", "offset", "frame", "velocity")}
+    bars["encoder"].total = len(windows)
+    for start, stop in self._chunks(len(windows)):
+      chunk, rows = self._padded(windows[start:stop])
+      out = stage.encode(chunk)
+      for key in rolls:
+        for w in range(start, stop):
+          lo = 0 if w == 0 else quarter
+          hi = per_window if w == len(windows) - 1 else per_window - quarter
+          rolls[key].append(np.asarray(out[key][w - start, lo:hi]))
+      bars["encoder"].update(rows)
+    rolls = {k: np.concatenate(v) for k, v in rolls.items()}  # each [frames, 88]
+    config = stage.config
+    thresholds = dict(config.roll) if "roll" in config else None
+    notes = roll_notes.rolls_to_notes(rolls, config.encoder.name, stage.frames_per_second, thresholds)
+    return stitch.clip_to_duration(notes, duration)
+
+
+def load(workdir, layout="hierarchy", batch_segments=8, fixed_tokens=None) -> NoteTranscriber:
+  """The trained stages of `layout` in `workdir`, ready to transcribe.
+
+  Args:
+    workdir: the run directory (WORKDIR/STAGE/ per stage).
+    layout: "hierarchy", "flatten" or "roll".
+    batch_segments: 10 s segments decoded as one batch (memory grows with it).
+    fixed_tokens: benchmarks only: every free-running segment writes exactly
+      this many tokens (`<eos>` masked), so timings with untrained weights
+      reflect a chosen note density.
+
+  Raises:
+    FileNotFoundError: a stage of the layout is not trained; the message names
+      it and the command that trains it.
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+  if batch_segments < 1:
+    raise ValueError(f"batch_segments must be >= 1, got {batch_segments}")
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  stages = {s: StageModel(workdir, s, fixed_tokens) for s in LAYOUTS[layout]}
+  cache = next(iter(stages.values())).config.data.cache_dir
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser(cache), "xla"))
+  return NoteTranscriber(layout, stages, batch_segments)
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+def _define_flags():
+  """Command-line flags, defined only when run as a script (importing this module defines none)."""
+  flags.DEFINE_string("workdir", None, "Run directory with the trained stages (WORKDIR/STAGE/).")
+  flags.DEFINE_enum("layout", "hierarchy", list(LAYOUTS),
+                    "hierarchy (3 LM stages), flatten (1 LM stage) or roll (the encoder's rolls).")
+  flags.DEFINE_string("output_dir", None, "Folder for the MIDI files (OUT/<stem>.mid).")
+  flags.DEFINE_integer("batch_segments", 8, "10 s segments decoded as one batch (memory grows with it).")
+
+
+def audio_files(arguments) -> tuple[list[str], list[str]]:
+  """(audio files, missing arguments): files as given, folders expanded to their audio files (sorted)."""
+  files, missing = [], []
+  for arg in arguments:
+    if os.path.isdir(arg):
+      files += sorted(os.path.join(arg, f) for f in os.listdir(arg)
+                      if f.lower().endswith(AUDIO_EXTENSIONS) and not f.startswith("."))
+    elif os.path.isfile(arg):
+      files.append(arg)
+    else:
+      missing.append(arg)
+  return files, missing
+
+
+def main(argv):
+  FLAGS = flags.FLAGS  # noqa: N806
+  arguments = argv[1:]
+  if not arguments:
+    raise app.UsageError("name at least one audio file or folder to transcribe")
+  if not FLAGS.workdir or not FLAGS.output_dir:
+    raise app.UsageError("--workdir and --output_dir are required")
+  files, missing = audio_files(arguments)
+  for arg in missing:
+    print(f"transcribe: {arg}: no such file or folder", file=sys.stderr)
+  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  clashes = sorted({s for s in stems if stems.count(s) > 1})
+  if clashes:
+    raise app.UsageError(f"several inputs would write the same MIDI file: {', '.join(s + '.mid' for s in clashes)}; "
+                         "transcribe them into different --output_dir folders")
+  if not files:
+    print("transcribe: no audio files found (extensions: " + " ".join(AUDIO_EXTENSIONS) + ")", file=sys.stderr)
+    sys.exit(1)
+  try:
+    transcriber_ = load(FLAGS.workdir, FLAGS.layout, FLAGS.batch_segments)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"transcribe: {e}", file=sys.stderr)
+    sys.exit(2)
+  failed = len(missing)
+  for path, stem in zip(files, stems):
+    target = os.path.join(FLAGS.output_dir, stem + ".mid")
+    try:
+      notes = transcriber_.transcribe(path, progress=True)
+    except (audio_lib.AudioError, ValueError) as e:
+      print(f"transcribe: {path}: FAILED: {e}", file=sys.stderr)
+      failed += 1
+      continue
+    notes_lib.write_midi(notes, target)
+    print(f"{path} -> {target} ({len(notes)} notes)")
+  if failed:
+    print(f"transcribe: {failed} of {len(files) + len(missing)} inputs failed", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

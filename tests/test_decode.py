@@ -1,0 +1,122 @@
+"""Tests for greedy decoding: cached loops == full recompute, and the note grammar."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hiermt import decode
+from hiermt import vocabulary as vocab
+from hiermt.models import transcriber
+
+MAX_LEN = 40
+
+
+@functools.cache
+def _model(stage, conditioning):
+  from conftest import load_base_config
+  config = load_base_config().get_config(f"{stage},runlocal,conditioning={conditioning}")
+  config.data.max_tokens = MAX_LEN
+  model = transcriber.build_model(config)
+  audio = jnp.zeros((1, 16000), jnp.float32)
+  variables = model.init(jax.random.key(1), audio, jnp.zeros((1, MAX_LEN), jnp.int32), train=False)
+  features = jax.random.normal(jax.random.key(2), (3, 26, model.encoder.feature_dim))  # [batch, frames, d_enc]
+  # Random weights give near-uniform logits; scaling the head makes the choices decisive.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 30 if "head" in jax.tree_util.keystr(path) else x, variables["params"])
+  return model, params, features
+
+
+def _check_grammar(stage, tokens):
+  """Every written sequence parses as the stage's layout without skipping a token."""
+  tokens = [t for t in tokens.tolist() if t != vocab.PAD]
+  assert tokens[:2] == [vocab.SOS, vocab.TASK_IDS[stage]]
+  body = tokens[2:-1] if tokens[-1] == vocab.EOS else tokens[2:]
+  group = len(vocab.LAYOUTS[stage])
+  complete = body[:len(body) // group * group]
+  decoded = vocab.decode_segment(tokens, stage)
+  assert len(decoded["pitch"]) == len(complete) // group  # nothing dropped by the tolerant parser
+  on = decoded["onset"]
+  timed = on[on != vocab.SUSTAIN_STEP]
+  assert np.all(np.diff(timed) >= 0) and np.all(timed < 1000)
+  if vocab.SUSTAIN_STEP in on:  # carried notes first
+    assert np.all(on[:np.sum(on == vocab.SUSTAIN_STEP)] == vocab.SUSTAIN_STEP)
+  assert np.all((decoded["pitch"] >= 21) & (decoded["pitch"] <= 108))
+
+
+@pytest.mark.parametrize("conditioning", ["prefix", "cross"])
+@pytest.mark.parametrize("stage", ["onset_pitch", "flatten"])
+def test_free_run_equals_full_recompute(stage, conditioning):
+  model, params, features = _model(stage, conditioning)
+  cached = np.asarray(decode.jitted(model, stage, MAX_LEN)(params, features))
+  reference = decode.decode_uncached(model, stage, MAX_LEN, params, features)
+  np.testing.assert_array_equal(cached, reference)
+  assert len({tuple(row) for row in cached}) > 1  # the audio matters
+  for row in cached:
+    _check_grammar(stage, row)
+
+
+@pytest.mark.parametrize("conditioning", ["prefix", "cross"])
+@pytest.mark.parametrize("stage", ["velocity", "offset"])
+def test_forced_run_equals_full_recompute(stage, conditioning):
+  model, params, features = _model(stage, conditioning)
+  on = vocab.time_id(np.array([[0, 5, 5, 900], [3, 400, 0, 0], [0, 0, 0, 0]])).astype(np.int32)
+  if stage == "offset":
+    on[0, 0] = vocab.NOTE_SUSTAIN
+  pitch = vocab.pitch_id(np.array([[60, 40, 64, 100], [21, 108, 0, 0], [0, 0, 0, 0]])).astype(np.int32)
+  num_notes = np.array([4, 2, 0], np.int32)
+  cached = np.asarray(decode.jitted(model, stage, MAX_LEN)(params, features, on, pitch, num_notes))
+  reference = decode.decode_uncached(model, stage, MAX_LEN, params, features, on, pitch, num_notes)
+  np.testing.assert_array_equal(cached, reference)
+  assert np.all(cached[1, 2:] == vocab.PAD) and np.all(cached[2] == vocab.PAD)
+  answers = cached[0]
+  if stage == "velocity":
+    assert np.all((answers >= vocab.velocity_id(1)) & (answers <= vocab.velocity_id(127)))
+  else:
+    onsets = np.array([-1, 5, 5, 900])
+    timed = answers != vocab.NOTE_SUSTAIN
+    assert np.all(vocab.id_to_step(answers[timed]) > np.maximum(onsets[timed], 0))
+    assert np.all(vocab.id_to_step(answers[timed]) <= 1000)
+
+
+def _allowed(stage, tokens):
+  """The grammar's allowed ids after writing `tokens` (one row)."""
+  state = decode.GrammarState.start(1)
+  for t in tokens:
+    state = decode.advance(stage, state, jnp.asarray([t], jnp.int32))
+  return np.asarray(decode.allowed_tokens(stage, state)[0])
+
+
+def test_grammar_onset_slot():
+  t, p = vocab.time_id, vocab.pitch_id
+  allowed = _allowed("onset_pitch", [t(250), p(60)])
+  assert allowed[vocab.EOS] and allowed[t(250)] and allowed[t(999)]
+  assert not allowed[t(249)] and not allowed[t(1000)]  # backwards in time; 1000 belongs to the next segment
+  assert not allowed[p(61)] and not allowed[vocab.NOTE_SUSTAIN] and not allowed[vocab.velocity_id(50)]
+  assert _allowed("flatten", [])[vocab.NOTE_SUSTAIN]  # carried notes come first...
+  assert not _allowed("flatten", [t(3), p(60), t(9), vocab.velocity_id(9)])[vocab.NOTE_SUSTAIN]  # ...only first
+
+
+def test_grammar_pitch_slot_rises_within_one_onset():
+  t, p = vocab.time_id, vocab.pitch_id
+  allowed = _allowed("onset_pitch", [t(250), p(60), t(250)])
+  assert allowed[p(61)] and not allowed[p(60)] and not allowed[p(59)]
+  assert not allowed[vocab.EOS] and not allowed[t(300)]  # no <eos> inside a note
+  later = _allowed("onset_pitch", [t(250), p(60), t(251)])
+  assert later[p(21)] and later[p(108)] and not later[p(20)] and not later[p(109)]
+  carried = _allowed("flatten", [vocab.NOTE_SUSTAIN, p(64), vocab.NOTE_SUSTAIN, vocab.velocity_id(9),
+                                 vocab.NOTE_SUSTAIN])
+  assert carried[p(64)] and not carried[p(63)]  # carried notes by rising pitch
+
+
+def test_grammar_offset_and_velocity_slots():
+  t, p, v = vocab.time_id, vocab.pitch_id, vocab.velocity_id
+  off = _allowed("flatten", [t(250), p(60)])
+  assert off[t(251)] and off[t(1000)] and off[vocab.NOTE_SUSTAIN]
+  assert not off[t(250)] and not off[vocab.EOS] and not off[v(3)]
+  carried = _allowed("offset", [vocab.NOTE_SUSTAIN, p(60)])
+  assert carried[t(1)] and not carried[t(0)]
+  vel = _allowed("flatten", [t(250), p(60), t(300)])
+  assert vel[v(1)] and vel[v(127)] and not vel[v(0)] and not vel[t(300)]

@@ -1,0 +1,174 @@
+"""End to end: stages overfitted on one short piece transcribe it back; the CLI's files and errors."""
+
+import functools
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import soundfile
+
+from conftest import load_base_config
+from hiermt import checkpoint
+from hiermt import metrics
+from hiermt import notes as notes_lib
+from hiermt import partitioning
+from hiermt import train
+from hiermt import transcribe
+from hiermt import vocabulary as vocab
+from hiermt.models import transcriber
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SECONDS = 18.5  # two segments, the second zero-padded
+MAX_TOKENS = 96
+STEPS = 250
+SAMPLE_RATE = 16000
+
+
+def _piece():
+  """Notes crossing the 10 s boundary (one of them sounding to the end of the audio), a chord,
+  repeated pitches and several velocities."""
+  rows = [(0.50, 1.20, 60, 80), (0.50, 1.20, 64, 70), (1.30, 2.00, 67, 90), (2.00, 4.00, 48, 50),
+          (3.10, 3.50, 72, 100), (4.00, 5.00, 60, 60), (5.50, 7.00, 55, 75), (6.20, 6.80, 79, 110),
+          (7.50, 8.00, 62, 40), (8.40, 12.30, 43, 65), (9.20, 10.00, 74, 85), (9.70, 11.10, 69, 95),
+          (10.40, 11.00, 57, 55), (11.50, 12.00, 76, 105), (12.60, 14.00, 52, 45), (13.20, 13.80, 83, 120),
+          (14.50, 15.30, 59, 70), (15.00, 15.60, 71, 80), (16.10, 18.50, 47, 60), (17.00, 17.40, 64, 90)]
+  return notes_lib.Notes.create(*(np.array(c) for c in zip(*rows)))
+
+
+def _synthesize(notes, seconds):
+  """Decaying three-harmonic tones: a stand-in for a piano, enough for a frozen encoder to tell segments apart."""
+  t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+  audio = np.zeros_like(t)
+  for on, off, pitch, velocity in zip(notes.onset, notes.offset, notes.pitch, notes.velocity):
+    f0 = 440.0 * 2 ** ((pitch - 69) / 12)
+    held = (t >= on) & (t < off)
+    tone = sum(np.sin(2 * np.pi * h * f0 * (t - on)) / h for h in (1, 2, 3))
+    audio += held * tone * np.exp(-3 * np.maximum(t - on, 0)) * velocity / 127
+  return (0.2 * audio / np.abs(audio).max()).astype(np.float32)
+
+
+def _overfit(workdir, stage, audio, piece, cache_dir):
+  """Trains one stage's decoder (frozen random encoder) on the piece's segments; writes the stage."""
+  config = load_base_config().get_config(f"{stage},runlocal")
+  config.freeze_encoder, config.init_from = True, "none"
+  config.data.max_tokens, config.data.cache_dir = MAX_TOKENS, cache_dir
+  config.train.lr = 3e-3
+  mesh = partitioning.make_mesh(1, jax.devices()[:1])
+  model = transcriber.build_model(config)
+  tx = train.make_optimizer(config)
+  state, _ = train.create_state(model, config, tx, mesh, jax.random.key(0))
+  count = vocab.num_segments(piece)
+  samples = transcribe.SEGMENT_SAMPLES
+  segments = np.pad(audio, (0, count * samples - len(audio))).reshape(count, samples)
+  features = model.apply({"params": state.params, "batch_stats": state.batch_stats}, jnp.asarray(segments),
+                         method=lambda m, a: m.encode(a))  # [segments, frames, d_enc]
+  encoded = [vocab.pad(*vocab.encode_segment(piece, k * vocab.SEGMENT_SECONDS, stage), MAX_TOKENS)
+             for k in range(count)]
+  assert not any(truncated for _, _, truncated in encoded)
+  batch = {"tokens": np.stack([e[0] for e in encoded]), "loss_mask": np.stack([e[1] for e in encoded])}
+
+  @jax.jit
+  def step(state):
+    def loss_fn(params):
+      logits = model.apply({"params": params}, batch["tokens"], features, method=lambda m, t, f: m.decoder(t, f))
+      return train.token_loss(logits, batch)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state), loss
+
+  for _ in range(STEPS):
+    state, loss = step(state)
+  assert float(loss) < 0.05, f"{stage} did not overfit (loss {float(loss):.3f})"
+  checkpoint.write_stage(checkpoint.stage_dir(workdir, stage), config, state)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(workdir, wav path, reference notes): onset_pitch, velocity, offset and flatten overfitted."""
+  root = tmp_path_factory.mktemp("e2e")
+  piece = _piece()
+  audio = _synthesize(piece, SECONDS)
+  for stage in ("onset_pitch", "velocity", "offset", "flatten"):
+    _overfit(root / "run", stage, audio, piece, str(root / "cache"))
+  wav = root / "piece.wav"
+  soundfile.write(wav, audio, SAMPLE_RATE)
+  return root / "run", wav, notes_lib.quantize(piece)
+
+
+@functools.cache
+def _loaded(workdir, layout):
+  return transcribe.load(workdir, layout, batch_segments=2)
+
+
+@pytest.mark.parametrize("layout", ["hierarchy", "flatten"])
+def test_overfitted_stages_transcribe_the_piece(trained, layout):
+  workdir, wav, reference = trained
+  t = _loaded(str(workdir), layout)
+  estimate = t.transcribe(str(wav))
+  scores = metrics.note_metrics(reference, estimate)
+  assert scores["onset_f1"] >= 0.95, scores
+  assert scores["onset_offset_velocity_f1"] >= 0.9, scores
+  assert estimate.offset.max() <= SECONDS  # the note sounding at the end ends with the audio
+  if layout == "hierarchy":
+    assert t.last_chain and all(segments == 2 for _, _, segments in t.last_chain)
+
+
+def test_transcribe_accepts_arrays_and_batches_one_segment_at_a_time(trained):
+  workdir, wav, reference = trained
+  audio, _ = soundfile.read(wav, dtype="float32")
+  by_one = transcribe.load(str(workdir), "hierarchy", batch_segments=1).transcribe(audio)
+  together = _loaded(str(workdir), "hierarchy").transcribe(audio)
+  for field in ("onset", "offset", "pitch", "velocity"):
+    np.testing.assert_array_equal(getattr(by_one, field), getattr(together, field))
+  assert len(transcribe.load(str(workdir), "flatten").transcribe(np.zeros(0, np.float32))) == 0
+  with pytest.raises(ValueError, match="mono"):
+    _loaded(str(workdir), "flatten").transcribe(np.zeros((2, 100), np.float32))
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "hiermt.transcribe", *map(str, args)], cwd=_ROOT,
+                        capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_cli_writes_midi_per_file_and_reports_bad_files(trained, tmp_path):
+  workdir, wav, reference = trained
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  audio, _ = soundfile.read(wav, dtype="float32")
+  # Stereo at 44.1 kHz: resampled and averaged to mono on reading.
+  import librosa
+  stereo = librosa.resample(audio, orig_sr=SAMPLE_RATE, target_sr=44100)
+  soundfile.write(inputs / "stereo.flac", np.stack([stereo, stereo], axis=1), 44100)
+  (inputs / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+  (inputs / "notes.txt").write_text("not audio")  # ignored: not an audio extension
+  out = tmp_path / "out"
+  result = _cli(f"--workdir={workdir}", f"--output_dir={out}", wav, inputs)
+  assert result.returncode == 1, result.stderr
+  assert "broken.wav" in result.stderr and "1 of 3 inputs failed" in result.stderr
+  assert sorted(os.listdir(out)) == ["piece.mid", "stereo.mid"]
+  written = notes_lib.read_midi(out / "piece.mid")
+  assert metrics.note_metrics(reference, written)["onset_offset_velocity_f1"] >= 0.9
+  assert metrics.note_metrics(reference, notes_lib.read_midi(out / "stereo.mid"))["onset_f1"] >= 0.9
+
+
+def test_cli_names_a_missing_stage_and_how_to_train_it(trained, tmp_path):
+  workdir, wav, _ = trained
+  partial = tmp_path / "partial"
+  shutil.copytree(workdir / "onset_pitch", partial / "onset_pitch")
+  result = _cli(f"--workdir={partial}", f"--output_dir={tmp_path / 'out'}", wav)
+  assert result.returncode == 2
+  assert "stage 'velocity' is not trained" in result.stderr
+  assert "python -m hiermt.main --config=configs/base.py:velocity" in result.stderr
+  assert not (tmp_path / "out").exists()
+  assert transcribe.available_layouts(workdir) == ["flatten", "hierarchy"] or \
+      transcribe.available_layouts(workdir) == ["hierarchy", "flatten"]
+  assert transcribe.available_layouts(partial) == []
