@@ -11,6 +11,8 @@ generated corpus built on first use when no `data_dir` is set.
 
 import ml_collections
 
+from hiermt import roll_notes
+
 STAGES = ("encoder", "onset_pitch", "velocity", "offset", "flatten")
 ENCODERS = ("crnn", "hppnet")
 CONDITIONINGS = ("prefix", "cross")
@@ -81,6 +83,9 @@ def get_config(arg=None):
   c.encoder.width = 1.0
   c.encoder.dropout = True
   c.freeze_encoder = False
+  # Roll baseline (`transcribe --layout=roll`): thresholds of the encoder's published
+  # post-processing (hiermt/roll_notes.py); Kong's CRNN also has an offset threshold.
+  c.roll = ml_collections.ConfigDict(roll_notes.DEFAULT_THRESHOLDS[opts["encoder"]])
 
   # --- decoder ------------------------------------------------------------
   layers, heads, dim, batch = DECODER_SIZES[opts["size"]]

@@ -4,6 +4,8 @@ A checkpoint holds the whole train state and each process's Grain iterator state
 so a restarted run continues the same loss curve on the same data.
 """
 
+import contextlib
+import logging as std_logging
 import os
 
 from absl import logging
@@ -45,6 +47,25 @@ def restore_latest(manager, abstract_state, data_iter):
   return restored["state"], step
 
 
+class _DropMissingMetadata(std_logging.Filter):
+  """Orbax warns that a step's item folder has no metadata file when it is read directly, as
+  `load_variables` does; the file lives one level up, so the warning is noise."""
+
+  def filter(self, record):
+    return "Metadata file does not exist" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata():
+  handler_filter = _DropMissingMetadata()
+  logger = std_logging.getLogger("absl")
+  logger.addFilter(handler_filter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(handler_filter)
+
+
 def has_checkpoint(directory) -> bool:
   """Whether a stage directory holds a finished checkpoint (Orbax names them by step)."""
   ckpt_dir = os.path.join(directory, "checkpoints")
@@ -75,7 +96,7 @@ def load_variables(directory, missing_hint):
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}. {missing_hint}")
   path = os.path.join(ckpt_dir, str(step), "state")
-  with ocp.StandardCheckpointer() as checkpointer:
+  with ocp.StandardCheckpointer() as checkpointer, _quiet_item_metadata():
     saved = checkpointer.metadata(path).item_metadata
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), saved)

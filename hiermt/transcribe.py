@@ -252,31 +252,49 @@ class NoteTranscriber:
     return stitch.clip_to_duration(vocab.decode_piece(tokens, "flatten"), duration)
 
   def _roll(self, segments, duration, bars):
-    """Kong's inference windows: 10 s windows every 5 s, each keeping its middle half
-    (the first and last windows keep their outer quarter too), so no frame is
-    predicted from the edge of a window."""
     stage = self.stages["encoder"]
-    audio = segments.reshape(-1)
+    rolls = self.piece_rolls(segments.reshape(-1), bars["encoder"])
+    config = stage.config
+    thresholds = dict(config.roll) if "roll" in config else None  # configs from before `roll` existed
+    notes = roll_notes.rolls_to_notes(rolls, config.encoder.name, stage.frames_per_second, thresholds)
+    return stitch.clip_to_duration(notes, duration)
+
+  def piece_rolls(self, audio, bar=None) -> dict:
+    """The encoder stage's rolls of a whole recording, as Kong's inference assembles them.
+
+    10 s windows every 5 s each keep their middle half (the first and last
+    window their outer quarter too), so no frame is predicted at the edge of
+    a window.
+
+    Args:
+      audio: float32 [samples] 16 kHz mono.
+      bar: optional tqdm bar, advanced per window.
+
+    Returns:
+      {"onset", "offset", "frame", "velocity"}: float32 [frames, 88] at the
+      encoder's frame rate, covering the audio zero-padded to whole 10 s segments.
+    """
+    stage = self.stages["encoder"]
     half = SEGMENT_SAMPLES // 2
+    audio = audio_lib.pad_or_crop(audio, max(1, -(-len(audio) // SEGMENT_SAMPLES)) * SEGMENT_SAMPLES)
     windows = np.stack([audio[s:s + SEGMENT_SAMPLES] for s in range(0, len(audio) - half, half)])  # [w, samples]
-    per_window = int(vocab.SEGMENT_SECONDS * stage.frames_per_second)  # frames kept per window (last one dropped)
+    per_window = int(vocab.SEGMENT_SECONDS * stage.frames_per_second)  # the window's extra last frame is dropped
     quarter = per_window // 4
-    rolls = {k: [] for k in ("onset", "offset", "frame", "velocity")}
-    bars["encoder"].total = len(windows)
+    rolls = {k: [] for k in roll_notes.ROLL_NAMES}
+    if bar is not None:
+      bar.total = len(windows)
     for start, stop in self._chunks(len(windows)):
       chunk, rows = self._padded(windows[start:stop])
       out = stage.encode(chunk)
-      for key in rolls:
+      for key, parts in rolls.items():
+        values = np.asarray(out[key])
         for w in range(start, stop):
           lo = 0 if w == 0 else quarter
           hi = per_window if w == len(windows) - 1 else per_window - quarter
-          rolls[key].append(np.asarray(out[key][w - start, lo:hi]))
-      bars["encoder"].update(rows)
-    rolls = {k: np.concatenate(v) for k, v in rolls.items()}  # each [frames, 88]
-    config = stage.config
-    thresholds = dict(config.roll) if "roll" in config else None
-    notes = roll_notes.rolls_to_notes(rolls, config.encoder.name, stage.frames_per_second, thresholds)
-    return stitch.clip_to_duration(notes, duration)
+          parts.append(values[w - start, lo:hi])
+      if bar is not None:
+        bar.update(rows)
+    return {k: np.concatenate(v) for k, v in rolls.items()}
 
 
 def load(workdir, layout="hierarchy", batch_segments=8, fixed_tokens=None) -> NoteTranscriber:

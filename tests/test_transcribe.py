@@ -172,3 +172,43 @@ def test_cli_names_a_missing_stage_and_how_to_train_it(trained, tmp_path):
   assert transcribe.available_layouts(workdir) == ["flatten", "hierarchy"] or \
       transcribe.available_layouts(workdir) == ["hierarchy", "flatten"]
   assert transcribe.available_layouts(partial) == []
+
+
+@pytest.fixture(scope="module")
+def encoder_workdir(tmp_path_factory):
+  """A workdir whose encoder stage holds random runlocal CRNN weights (no training needed for layout checks)."""
+  workdir = tmp_path_factory.mktemp("roll")
+  config = load_base_config().get_config("encoder,runlocal")
+  config.data.cache_dir = str(workdir / "cache")
+  config.roll.onset = 0.45  # the stage's config decides the post-processing thresholds
+  mesh = partitioning.make_mesh(1, jax.devices()[:1])
+  model = transcriber.build_model(config)
+  state, _ = train.create_state(model, config, train.make_optimizer(config), mesh, jax.random.key(0))
+  checkpoint.write_stage(checkpoint.stage_dir(workdir, "encoder"), config, state)
+  return workdir, model, {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def test_roll_layout_assembles_overlapping_windows_as_kong(encoder_workdir, monkeypatch):
+  workdir, model, variables = encoder_workdir
+  t = transcribe.load(str(workdir), "roll", batch_segments=2)
+  audio = np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 23).astype(np.float32)  # 3 segments, 5 windows
+  rolls = t.piece_rolls(audio)
+  assert {k: v.shape for k, v in rolls.items()} == {k: (3000, 88) for k in ("onset", "offset", "frame", "velocity")}
+  padded = np.pad(audio, (0, 30 * 16000 - len(audio)))
+  window = lambda w: np.asarray(model.apply(  # noqa: E731
+      variables, jnp.asarray(padded[None, w * 80000:w * 80000 + 160000]), train=False)["frame"][0])
+  np.testing.assert_allclose(rolls["frame"][:750], window(0)[:750], atol=1e-5)  # first window: [0, 7.5) s
+  np.testing.assert_allclose(rolls["frame"][750:1250], window(1)[250:750], atol=1e-5)  # middle halves
+  np.testing.assert_allclose(rolls["frame"][2250:], window(4)[250:1000], atol=1e-5)  # last: [22.5, 30) s
+
+  seen = {}
+  original = transcribe.roll_notes.rolls_to_notes
+
+  def spy(rolls, encoder, fps, thresholds):
+    seen.update(encoder=encoder, fps=fps, thresholds=thresholds)
+    return original(rolls, encoder, fps, thresholds)
+
+  monkeypatch.setattr(transcribe.roll_notes, "rolls_to_notes", spy)
+  notes = t.transcribe(audio)
+  assert seen == {"encoder": "crnn", "fps": 100, "thresholds": {"onset": 0.45, "offset": 0.3, "frame": 0.1}}
+  assert len(notes) and notes.onset.max() < 23.0 and notes.offset.max() <= 23.0 + 0.01  # >= 10 ms per note
