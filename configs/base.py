@@ -27,6 +27,18 @@ DECODER_SIZES = {
     "large": (12, 32, 1024, 24),
 }
 
+# Each encoder's published optimiser for the encoder stage.
+ENCODER_RECIPES = {
+    # Kong et al., bytedance/piano_transcription pytorch/main.py + runme.sh: Adam with AMSGrad,
+    # no weight decay, lr 5e-4 x 0.9 every 10k iterations, no clipping.
+    "crnn": dict(optimizer="amsgrad", lr=5e-4, weight_decay=0.0, decay="step", decay_every=10_000,
+                 decay_rate=0.9, grad_clip=0.0),
+    # Wei et al., WX-Wei/HPPNet train.py: Adam lr 6e-4, StepLR(10k, 0.98). Its clip_grad_norm_(3)
+    # runs after optimizer.step(), so it never changes an update: no clipping here either.
+    "hppnet": dict(optimizer="adam", lr=6e-4, weight_decay=0.0, decay="step", decay_every=10_000,
+                   decay_rate=0.98, grad_clip=0.0),
+}
+
 # Longest token sequence per stage (official code: 1024 for onsets, 1536 otherwise).
 MAX_TOKENS = {"onset_pitch": 1024, "velocity": 1536, "offset": 1536, "flatten": 1536}
 
@@ -102,11 +114,18 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 12 if stage == "encoder" else batch  # global batch
   c.train.steps = 300_000
-  c.train.lr = 5e-4 if stage == "encoder" else 1e-4
-  c.train.weight_decay = 0.01
+  # LM stages: the official code's AdamW (lr 1e-4, decay 0.01, constant); the encoder
+  # stage: its authors' recipe (ENCODER_RECIPES).
+  c.train.optimizer = "adamw"  # adamw | adam | amsgrad
+  c.train.lr = 1e-4
+  c.train.weight_decay = 0.01  # adamw only; kernels and embeddings only
   c.train.warmup_steps = 0
-  c.train.decay = "constant"  # constant | cosine
-  c.train.grad_clip = 1.0
+  c.train.decay = "constant"  # constant | cosine | step
+  c.train.decay_every = 10_000  # step decay: multiply the lr by decay_rate every decay_every steps
+  c.train.decay_rate = 0.9
+  c.train.grad_clip = 1.0  # global-norm clipping; 0 = none
+  if stage == "encoder":
+    c.train.update(ENCODER_RECIPES[opts["encoder"]])
   c.train.grad_accum = 1
   c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.train.remat = False

@@ -24,11 +24,10 @@ import optax
 from tensorboard.summary import Writer
 
 from hiermt import checkpoint
+from hiermt import objectives
 from hiermt import partitioning
 from hiermt.data import pipeline
 from hiermt.models import transcriber
-
-ROLL_KEYS = ("onset", "offset", "frame", "velocity")
 
 
 @flax.struct.dataclass
@@ -47,68 +46,61 @@ class NonFiniteLossError(RuntimeError):
 # Optimiser
 # ----------------------------------------------------------------------------
 def learning_rate_schedule(config):
-  """Linear warmup to `train.lr`, then constant or cosine decay to zero at `train.steps`."""
+  """Linear warmup to `train.lr`, then `train.decay`: constant, cosine (to zero at `train.steps`)
+  or step (x `train.decay_rate` every `train.decay_every` steps, as Kong's and HPPNet's recipes)."""
   t = config.train
   if t.decay == "constant":
     after = optax.constant_schedule(t.lr)
   elif t.decay == "cosine":
     after = optax.cosine_decay_schedule(t.lr, max(1, t.steps - t.warmup_steps))
+  elif t.decay == "step":
+    if t.decay_every <= 0:
+      raise ValueError(f"train.decay=step needs train.decay_every > 0, got {t.decay_every}")
+    after = optax.exponential_decay(t.lr, t.decay_every, t.decay_rate, staircase=True)
   else:
-    raise ValueError(f"unknown train.decay {t.decay!r}; valid: constant, cosine")
+    raise ValueError(f"unknown train.decay {t.decay!r}; valid: {', '.join(DECAYS)}")
   if t.warmup_steps <= 0:
     return after
   warmup = optax.linear_schedule(0.0, t.lr, t.warmup_steps)
   return optax.join_schedules([warmup, after], [t.warmup_steps])
 
 
+DECAYS = ("constant", "cosine", "step")
+OPTIMIZERS = ("adamw", "adam", "amsgrad")
+
+
+def decays_weights(params):
+  """Weight-decay mask: kernels and embeddings decay; biases, norm scales and BatchNorm parameters do not."""
+  def decays(path, _):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return name.endswith("kernel") or name == "embedding"
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(config):
-  """AdamW (+ global-norm clipping); a frozen encoder gets no updates at all."""
-  tx = optax.chain(
-      optax.clip_by_global_norm(config.train.grad_clip) if config.train.grad_clip > 0 else optax.identity(),
-      optax.adamw(learning_rate_schedule(config), weight_decay=config.train.weight_decay))
+  """`train.optimizer` with the schedule and optional global-norm clipping; a frozen encoder gets no updates.
+
+  adamw: decoupled weight decay `train.weight_decay` on kernels and embeddings
+  only; adam: no decay (HPPNet); amsgrad: Adam with AMSGrad and no decay (Kong).
+  """
+  t = config.train
+  schedule = learning_rate_schedule(config)
+  if t.optimizer == "adamw":
+    core = optax.adamw(schedule, weight_decay=t.weight_decay, mask=decays_weights)
+  elif t.optimizer == "adam":
+    core = optax.adam(schedule)
+  elif t.optimizer == "amsgrad":
+    core = optax.amsgrad(schedule)
+  else:
+    raise ValueError(f"unknown train.optimizer {t.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+  if t.optimizer != "adamw" and t.weight_decay:
+    raise ValueError(f"train.weight_decay={t.weight_decay} needs train.optimizer=adamw (got {t.optimizer!r})")
+  tx = optax.chain(optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(), core)
   if config.stage != "encoder" and config.freeze_encoder:
     # Labels from the parameter tree itself: its top level is {"encoder", "decoder"}.
     labels = lambda params: {k: ("frozen" if k == "encoder" else "train") for k in params}  # noqa: E731
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx
-
-
-# ----------------------------------------------------------------------------
-# Losses
-# ----------------------------------------------------------------------------
-def _bce(prob, target):
-  prob = jnp.clip(prob.astype(jnp.float32), 1e-7, 1 - 1e-7)
-  return -(target * jnp.log(prob) + (1 - target) * jnp.log(1 - prob))
-
-
-def roll_loss(out, batch):
-  """Kong et al.'s note losses: regression-target BCE for onset/offset, frame BCE,
-  velocity BCE on onset frames only. Returns (loss, metrics)."""
-  mask = batch.get("mask", jnp.ones_like(batch["frame"]))
-  terms = {}
-  for key in ("onset", "offset", "frame"):
-    terms[key] = jnp.sum(_bce(out[key], batch[key]) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-  on = batch["onset_mask"]
-  terms["velocity"] = jnp.sum(_bce(out["velocity"], batch["velocity"]) * on) / jnp.maximum(jnp.sum(on), 1.0)
-  loss = sum(terms.values())
-  # Frame-level counts for F1 (threshold 0.5 on the frame head).
-  pred = out["frame"] >= 0.5
-  ref = batch["frame"] >= 0.5
-  metrics = {f"loss_{k}": v for k, v in terms.items()}
-  metrics.update(frame_tp=jnp.sum(pred & ref), frame_fp=jnp.sum(pred & ~ref), frame_fn=jnp.sum(~pred & ref))
-  return loss, metrics
-
-
-def token_loss(logits, batch):
-  """Next-token cross-entropy on the stage's loss mask. Returns (loss, metrics)."""
-  targets = batch["tokens"][:, 1:]  # [batch, len-1]
-  weights = batch["loss_mask"][:, 1:]
-  logits = logits[:, :-1].astype(jnp.float32)  # [batch, len-1, vocab]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  denom = jnp.maximum(jnp.sum(weights), 1.0)
-  loss = jnp.sum(ce * weights) / denom
-  correct = (jnp.argmax(logits, -1) == targets) * weights
-  return loss, {"accuracy": jnp.sum(correct) / denom, "tokens": jnp.sum(weights)}
 
 
 # ----------------------------------------------------------------------------
@@ -128,36 +120,118 @@ def _forward(model, config, params, batch_stats, batch, rng, train):
     result = model.apply(variables, audio, batch["tokens"], **kwargs)
   out, updates = result if mutable else (result, {})
   if config.stage == "encoder":
-    loss, metrics = roll_loss(out, batch)
+    loss, metrics = objectives.for_encoder(config.encoder.name).loss(out, batch)
   else:
-    loss, metrics = token_loss(out, batch)
+    loss, metrics = objectives.token_loss(out, batch)
   return loss, (metrics, updates.get("batch_stats", batch_stats))
 
 
-def train_step(model, config, tx, state, batch, rng):
-  """One optimiser step (with `train.grad_accum` micro-batches). Pure; jitted once."""
-  rng = jax.random.fold_in(rng, state.step)
-  grad_fn = jax.value_and_grad(functools.partial(_forward, model, config), has_aux=True)
-  accum = config.train.grad_accum
+# Float metrics that are counts: summed over micro-batches (integer metrics always are); every
+# other float metric is a ratio, combined as a normaliser-weighted mean.
+SUMMED_METRICS = ("tokens",)
 
-  if accum == 1:
-    (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng, True)
+
+def _micro_loss(model, config, params, batch_stats, batch, rng):
+  """One micro-batch as (loss sum, (normaliser, metrics, new batch_stats)).
+
+  A step's loss is sum(loss sums) / sum(normalisers) over its micro-batches, and its
+  gradient the summed gradients of the sums divided once, so micro-batches with
+  more target tokens weigh more, exactly as in one big batch. `_forward` returns a
+  mean, which is turned back into a sum here: x the target-token count for the LM
+  stages (exact); x rows for the encoder stage (exact for terms normalised per
+  frame; a term normalised by a per-batch count such as the onset frames is then a
+  row-weighted mean of the micro-batches' values). A loss that returns
+  (sum, normaliser, metrics) itself replaces this adapter.
+  """
+  loss, (metrics, stats) = _forward(model, config, params, batch_stats, batch, rng, True)
+  if config.stage == "encoder":
+    normaliser = jnp.asarray(batch["audio"].shape[0], jnp.float32)
   else:
-    micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+    normaliser = jax.lax.stop_gradient(metrics["tokens"]).astype(jnp.float32)
+  return loss * normaliser, (normaliser, metrics, stats)
 
+
+def _micro_batches(batch, accum, mesh):
+  """[B, ...] -> [accum, B/accum, ...] with micro-batch i = rows i, i + accum, i + 2 accum, ...
+
+  Every device holds B/devices consecutive rows, so each micro-batch takes
+  B/(devices x accum) rows from every device: it stays split over all devices
+  and nothing moves between them (a [accum, B/accum] reshape would put each
+  micro-batch on 1/accum of the devices and make XLA gather it).
+  """
+  def split(x):
+    x = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+    if mesh is None:
+      return x
+    spec = jax.sharding.PartitionSpec(None, partitioning.BATCH_AXES, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+  return jax.tree.map(split, batch)
+
+
+def _combine_metrics(metrics, normalisers):
+  """Per-micro-batch metrics [accum] -> one value: counts summed, ratios normaliser-weighted."""
+  total = jnp.maximum(jnp.sum(normalisers), 1.0)
+
+  def combine(key, m):
+    if m.dtype.kind != "f" or key in SUMMED_METRICS:
+      return jnp.sum(m, axis=0)
+    return jnp.sum(m * normalisers) / total
+  return {k: combine(k, m) for k, m in metrics.items()}
+
+
+def accumulate_gradients(loss_fn, params, batch_stats, batch, rng, accum, mesh=None):
+  """Loss and gradient of a batch split into `accum` micro-batches, exactly as without splitting.
+
+  Args:
+    loss_fn: (params, batch_stats, micro_batch, rng) -> (loss sum, (normaliser, metrics, batch_stats)).
+    params, batch_stats: the model's variables; batch statistics are carried from
+      micro-batch to micro-batch.
+    batch: the (global) batch, split along its first axis.
+    rng: micro-batch i uses fold_in(rng, i) (the batch uses rng when accum == 1).
+    accum: number of micro-batches; the per-device rows must divide by it.
+    mesh: keeps every micro-batch split over all devices (None: no constraint).
+
+  Returns:
+    (loss, grads, metrics, batch_stats): loss = sum of sums / sum of normalisers
+    (at least 1), grads its gradient, metrics combined by `_combine_metrics` plus
+    "normaliser" (the summed normaliser).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    (total, (normaliser, metrics, batch_stats)), grads = grad_fn(params, batch_stats, batch, rng)
+  else:
     def body(carry, xs):
-      grads_sum, loss_sum, stats = carry
-      mb, i = xs
-      (loss, (metrics, stats)), grads = grad_fn(state.params, stats, mb, jax.random.fold_in(rng, i), True)
-      return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, stats), metrics
+      grads_sum, total, stats = carry
+      micro, i = xs
+      (s, (n, metrics, stats)), g = grad_fn(params, stats, micro, jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, grads_sum, g), total + s, stats), (n, metrics)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, loss, batch_stats), metrics = jax.lax.scan(
-        body, (zeros, jnp.zeros((), jnp.float32), state.batch_stats), (micro, jnp.arange(accum)))
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    loss = loss / accum
-    metrics = jax.tree.map(lambda m: jnp.mean(m) if m.dtype.kind == "f" else jnp.sum(m), metrics)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, total, batch_stats), (normalisers, metrics) = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32), batch_stats),
+        (_micro_batches(batch, accum, mesh), jnp.arange(accum)))
+    normaliser = jnp.sum(normalisers)
+    metrics = _combine_metrics(metrics, normalisers)
+  denom = jnp.maximum(normaliser, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  return total / denom, grads, dict(metrics, normaliser=normaliser), batch_stats
 
+
+def train_step(model, config, tx, state, batch, rng, mesh=None):
+  """One optimiser step (with `train.grad_accum` micro-batches, `accumulate_gradients`). Pure; jitted once.
+
+  `batch` may hold "truncated" (bool [B]): their count over the global batch is
+  the "truncated_sequences" metric.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  batch = dict(batch)
+  truncated = batch.pop("truncated", None)
+  loss, grads, metrics, batch_stats = accumulate_gradients(
+      functools.partial(_micro_loss, model, config), state.params, state.batch_stats, batch, rng,
+      config.train.grad_accum, mesh)
+  metrics.pop("normaliser")
+  if truncated is not None:
+    metrics["truncated_sequences"] = jnp.sum(truncated.astype(jnp.int32))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
@@ -201,25 +275,24 @@ def create_state(model, config, tx, mesh, rng):
 
 
 def init_encoder_from(state, config, workdir, shardings):
-  """LM stages start their encoder from the encoder stage (params and batch statistics only)."""
+  """LM stages start their encoder from the encoder stage: params and batch statistics only,
+  read straight into this run's shardings (no optimizer state, no single-device copy)."""
   if config.stage == "encoder" or config.init_from == "none":
     return state
-  source = config.init_from or checkpoint.stage_dir(workdir, "encoder")
-  loaded = checkpoint.load_encoder(os.path.expanduser(source))
-
-  def graft(tree, enc, sh):
-    if not tree or "encoder" not in tree:
-      return tree
-    expected = jax.tree.structure(tree["encoder"])
-    if jax.tree.structure(enc) != expected:
-      raise ValueError(f"the encoder checkpoint in {source} does not match this config's encoder "
-                       f"({config.encoder.name}, width {config.encoder.width})")
-    placed = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), enc, sh["encoder"])
-    return {**tree, "encoder": placed}
-
-  return state.replace(
-      params=graft(state.params, loaded["params"], shardings.params),
-      batch_stats=graft(state.batch_stats, loaded["batch_stats"], shardings.batch_stats))
+  source = os.path.expanduser(config.init_from or checkpoint.stage_dir(workdir, "encoder"))
+  like = {}
+  for collection in ("params", "batch_stats"):
+    tree, sh = getattr(state, collection), getattr(shardings, collection)
+    if tree and "encoder" in tree:
+      like[collection] = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      tree["encoder"], sh["encoder"])
+  try:
+    loaded = checkpoint.load_encoder(source, like=like)
+  except checkpoint.MismatchError as e:
+    raise ValueError(f"the encoder checkpoint in {source} does not match this config's encoder "
+                     f"({config.encoder.name}, width {config.encoder.width}): {e}") from e
+  replaced = {c: {**getattr(state, c), "encoder": loaded[c]} for c in like}
+  return state.replace(**replaced)
 
 
 # ----------------------------------------------------------------------------

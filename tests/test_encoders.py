@@ -93,9 +93,11 @@ def test_ten_second_segment_shapes(model, frames):
   audio = jax.ShapeDtypeStruct((2, 160000), jnp.float32)
   outputs, _ = jax.eval_shape(lambda x: model.init_with_output(RNG, x, train=False), audio)
   assert frames == 10 * model.FRAMES_PER_SECOND + 1
-  assert set(outputs) == set(ROLLS) | {"features"}
+  assert set(outputs) == set(ROLLS) | {"features", "logits"}
+  assert set(outputs["logits"]) == set(ROLLS)
   for name in ROLLS:
-    assert outputs[name].shape == (2, frames, 88), name
+    assert outputs[name].shape == outputs["logits"][name].shape == (2, frames, 88), name
+    assert outputs[name].dtype == outputs["logits"][name].dtype == jnp.float32
   assert outputs["features"].shape == (2, frames, model.feature_dim)
 
 

@@ -11,7 +11,7 @@ KEYS = ("frame", "onset", "offset", "velocity", "onset_mask", "mask")
 
 def _targets(rows, start=0.0, num_frames=1001, fps=100):
   onset, offset, pitch, velocity = zip(*rows)
-  return rolls.roll_targets(notes.Notes.create(onset, offset, pitch, velocity), start, num_frames, fps)
+  return rolls.kong_targets(notes.Notes.create(onset, offset, pitch, velocity), start, num_frames, fps)
 
 
 def _column(values, num_frames):
@@ -93,6 +93,34 @@ def test_close_onsets_take_the_nearest_not_the_sum():
 
 def test_bad_arguments():
   with pytest.raises(ValueError, match="positive"):
-    rolls.roll_targets(notes.Notes.empty(), 0.0, 0, 100)
-  r = rolls.roll_targets(notes.Notes.empty(), 0.0, 11, 100)
+    rolls.kong_targets(notes.Notes.empty(), 0.0, 0, 100)
+  r = rolls.kong_targets(notes.Notes.empty(), 0.0, 11, 100)
   assert r["frame"].shape == (11, 88) and not r["frame"].any()
+
+
+def _hpp(rows, start=0.0, num_frames=20, fps=50):
+  onset, offset, pitch, velocity = zip(*rows)
+  return rolls.hppnet_targets(notes.Notes.create(onset, offset, pitch, velocity), start, num_frames, fps)
+
+
+def test_hppnet_targets_one_frame_onsets_and_offsets():
+  # Pitch 60 (key 39): onset at 0.1 s = frame 5, offset at 0.2 s = frame 10, velocity 64.
+  t = _hpp([(0.1, 0.2, 60, 64)])
+  _only_key(t["onset"], 39, _column({5: 1}, 20))
+  _only_key(t["frame"], 39, _column({f: 1 for f in range(5, 10)}, 20))
+  _only_key(t["offset"], 39, _column({10: 1}, 20))
+  _only_key(t["velocity"], 39, _column({f: 0.5 for f in range(5, 10)}, 20))
+
+
+def test_hppnet_targets_crop_and_overwrite_as_the_official_loop():
+  # Crop 0.1..0.3 s (frames 0..9). Pitch 60: a note begun before the crop (frames only,
+  # its offset frame 5 then overwritten by the next note's onset), re-struck at 0.2 s
+  # (frame 5). Pitch 62: its offset lies after the crop.
+  t = _hpp([(0.0, 0.2, 60, 100), (0.2, 0.5, 60, 32), (0.2, 1.0, 62, 16)], start=0.1, num_frames=10)
+  np.testing.assert_array_equal(t["onset"][:, 39], _column({5: 1}, 10))
+  np.testing.assert_array_equal(t["frame"][:, 39], np.ones(10))  # onset frames count as frames
+  np.testing.assert_array_equal(t["offset"][:, 39], np.zeros(10))
+  np.testing.assert_allclose(t["velocity"][:, 39], [100 / 128] * 5 + [32 / 128] * 5)
+  np.testing.assert_array_equal(t["onset"][:, 41], _column({5: 1}, 10))
+  np.testing.assert_array_equal(t["frame"][:, 41], _column({f: 1 for f in range(5, 10)}, 10))
+  np.testing.assert_array_equal(t["offset"][:, 41], np.zeros(10))

@@ -18,6 +18,7 @@ from conftest import load_base_config
 from hiermt import checkpoint
 from hiermt import metrics
 from hiermt import notes as notes_lib
+from hiermt import objectives
 from hiermt import partitioning
 from hiermt import train
 from hiermt import transcribe
@@ -78,7 +79,7 @@ def _overfit(workdir, stage, audio, piece, cache_dir):
   def step(state):
     def loss_fn(params):
       logits = model.apply({"params": params}, batch["tokens"], features, method=lambda m, t, f: m.decoder(t, f))
-      return train.token_loss(logits, batch)[0]
+      return objectives.token_loss(logits, batch)[0]
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -18,9 +18,9 @@ import grain
 import jax
 import numpy as np
 
+from hiermt import objectives
 from hiermt import vocabulary
 from hiermt.data import prepare
-from hiermt.data import rolls
 from hiermt.data import synth
 from hiermt.models import crnn
 from hiermt.models import hppnet
@@ -61,6 +61,7 @@ class BatchBuilder:
   process_slice: tuple  # (first, count) within each global batch
   num_samples: int
   sample_rate: int
+  encoder: str  # whose roll targets the encoder stage uses (hiermt.objectives)
   encoder_fps: int
   max_tokens: int
 
@@ -97,7 +98,7 @@ class BatchBuilder:
     out = {"audio": audio}
     if self.stage == "encoder":
       num_frames = int(round(self.num_samples / self.sample_rate * self.encoder_fps)) + 1
-      out.update(rolls.roll_targets(notes, start_s, num_frames, self.encoder_fps))
+      out.update(objectives.for_encoder(self.encoder).targets(notes, start_s, num_frames, self.encoder_fps))
     else:
       tokens, mask = vocabulary.encode_segment(notes, start_s, self.stage)
       tokens, mask, truncated = vocabulary.pad(tokens, mask, self.max_tokens)
@@ -134,7 +135,8 @@ def make_dataset(config, split, *, seed, num_batches=None, process_index=None, p
       store=prepare.Store(prepared_dir(config), split), stage=config.stage, seed=seed, global_batch=global_batch,
       process_slice=(process_index * per_process, per_process),
       num_samples=int(round(config.data.segment_seconds * config.data.sample_rate)),
-      sample_rate=config.data.sample_rate, encoder_fps=ENCODER_FPS[config.encoder.name],
+      sample_rate=config.data.sample_rate, encoder=config.encoder.name,
+      encoder_fps=ENCODER_FPS[config.encoder.name],
       max_tokens=config.data.max_tokens)
   length = num_batches if num_batches is not None else 2**40
   # One reader thread a process (or worker) and a short read-ahead: Grain's default

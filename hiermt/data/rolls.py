@@ -1,7 +1,10 @@
 """Frame-level piano-roll targets for pretraining the roll-based encoders.
 
-Targets after Kong et al. (2021), computed for a crop of `num_frames` frames
-starting at `start` seconds, frame i sitting at time start + i / fps:
+Each encoder is pretrained on its authors' targets (`hiermt.objectives` picks
+them by encoder name), computed for a crop of `num_frames` frames starting at
+`start` seconds, frame i sitting at time start + i / fps.
+
+`kong_targets`, after Kong et al. (2021) (the CRNN):
 
   frame     1 on frames round(t_on * fps) .. round(t_off * fps), both ends
             included (Kong's convention), clipped to the crop.
@@ -21,6 +24,17 @@ starting at `start` seconds, frame i sitting at time start + i / fps:
 Kong's code measures the distance partly in frames and partly in seconds and
 splits each pitch's frames at midpoints between onsets; the triangle here is
 the distance to the nearest onset in seconds, which is what that code aims at.
+`hppnet_targets`, after HPPNet's `dataset.py` (Onsets-and-Frames style labels,
+one frame each for onsets and offsets at 50 fps): notes are written in onset
+order, a later note overwriting an earlier one, with on = round(t_on * fps)
+and off = min(round(t_off * fps), frames):
+
+  onset     1 on frame on
+  frame     1 on frames on .. off - 1
+  offset    1 on frame off (when inside the crop), unless a later note's
+            onset or frames overwrite it
+  velocity  velocity / 128 on frames on .. off - 1 (the loss reads it at onsets)
+
 All arrays are float32 [num_frames, 88] over MIDI pitches 21..108; notes
 outside that range are ignored.
 """
@@ -60,8 +74,13 @@ def _spans(first, last, keys, num_frames):
   return out
 
 
-def roll_targets(notes: notes_lib.Notes, start: float, num_frames: int, fps: float) -> dict[str, np.ndarray]:
-  """Encoder pretraining targets of the crop [start, start + num_frames / fps).
+def _check_crop(num_frames, fps):
+  if num_frames <= 0 or fps <= 0:
+    raise ValueError(f"num_frames and fps must be positive, got {num_frames} and {fps}")
+
+
+def kong_targets(notes: notes_lib.Notes, start: float, num_frames: int, fps: float) -> dict[str, np.ndarray]:
+  """The CRNN's pretraining targets of the crop [start, start + num_frames / fps) (Kong et al.).
 
   Args:
     notes: the piece's notes (sustain-extended), in seconds.
@@ -73,8 +92,7 @@ def roll_targets(notes: notes_lib.Notes, start: float, num_frames: int, fps: flo
     float32 [num_frames, 88] arrays "frame", "onset", "offset", "velocity",
     "onset_mask", "mask" (see the module docstring).
   """
-  if num_frames <= 0 or fps <= 0:
-    raise ValueError(f"num_frames and fps must be positive, got {num_frames} and {fps}")
+  _check_crop(num_frames, fps)
   # Notes starting after the crop cannot reach it; onsets are sorted, so cut them off at once.
   stop = np.searchsorted(notes.onset, start + num_frames / fps, side="right")
   t_on = notes.onset[:stop] - start  # [n] seconds, crop-relative
@@ -105,3 +123,41 @@ def roll_targets(notes: notes_lib.Notes, start: float, num_frames: int, fps: flo
       "onset_mask": onset_mask,
       "mask": (np.arange(num_frames)[:, None] > hidden_until[None, :]).astype(np.float32),
   }
+
+
+_ONSET, _FRAME, _OFFSET = 3, 2, 1  # HPPNet's label codes
+
+
+def hppnet_targets(notes: notes_lib.Notes, start: float, num_frames: int, fps: float) -> dict[str, np.ndarray]:
+  """HPPNet's pretraining targets of the crop [start, start + num_frames / fps) (Wei et al.).
+
+  Args:
+    notes: the piece's notes (sustain-extended), in seconds.
+    start: crop start in seconds.
+    num_frames: frames in the crop (501 for 10 s at 50 fps).
+    fps: frames per second.
+
+  Returns:
+    float32 [num_frames, 88] arrays "onset", "frame", "offset", "velocity"
+    (see the module docstring).
+  """
+  _check_crop(num_frames, fps)
+  label = np.zeros((num_frames, NUM_KEYS), np.uint8)
+  velocity = np.zeros((num_frames, NUM_KEYS), np.float32)
+  stop = np.searchsorted(notes.onset, start + num_frames / fps, side="right")
+  on = np.rint((notes.onset[:stop] - start) * fps).astype(np.int64)
+  off = np.minimum(np.rint((notes.offset[:stop] - start) * fps).astype(np.int64), num_frames)
+  keys = notes.pitch[:stop].astype(np.int64) - MIN_PITCH
+  # Sequential writes: a later note overwrites an earlier one's labels, as in HPPNet's loop.
+  for first, last, key, vel in zip(on.tolist(), off.tolist(), keys.tolist(), notes.velocity[:stop].tolist()):
+    if not 0 <= key < NUM_KEYS or last < 0 or first >= num_frames:
+      continue
+    lo = max(first, 0)
+    if first >= 0:
+      label[first, key] = _ONSET
+    label[max(first + 1, 0):last, key] = _FRAME
+    if last < num_frames:
+      label[last, key] = _OFFSET
+    velocity[lo:last, key] = vel / 128.0
+  return {"onset": (label == _ONSET).astype(np.float32), "frame": (label >= _FRAME).astype(np.float32),
+          "offset": (label == _OFFSET).astype(np.float32), "velocity": velocity}

@@ -33,9 +33,10 @@ _BN_MOMENTUM = 0.99
 _BN_EPSILON = 1e-5
 
 
-def _batch_norm(train, dtype, name=None):
-  return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=dtype,
-                      name=name)
+def _batch_norm(train, name=None):
+  # Normalisation stays float32 under a bfloat16 compute dtype; the next layer casts its input.
+  return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+                      dtype=jnp.float32, name=name)
 
 
 class _ConvBlock(nn.Module):
@@ -48,7 +49,7 @@ class _ConvBlock(nn.Module):
     # x: [batch, time, freq, channels]
     for _ in range(2):
       x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
-      x = nn.relu(_batch_norm(train, self.dtype)(x))
+      x = nn.relu(_batch_norm(train)(x))
     return nn.avg_pool(x, (1, 2), strides=(1, 2))  # [batch, time, freq // 2, features]
 
 
@@ -72,7 +73,7 @@ class _AcousticFront(nn.Module):
     # fc5 weights correspond one to one with Kong's.
     x = jnp.swapaxes(x, 2, 3).reshape(batch, time, -1)  # [batch, time, channels * 14]
     x = nn.Dense(layers.scaled(768, self.width), use_bias=False, dtype=self.dtype, name="fc5")(x)
-    x = nn.relu(_batch_norm(train, self.dtype)(x))
+    x = nn.relu(_batch_norm(train)(x))
     return nn.Dropout(0.5, deterministic=deterministic)(x)
 
 
@@ -107,14 +108,15 @@ class CRNN(nn.Module):
 
     Returns:
       dict of float32 arrays: `frame`, `onset`, `offset`, `velocity`
-      [batch, frames, 88] sigmoid outputs and `features`
+      [batch, frames, 88] sigmoid outputs, `logits` (a dict of the four
+      pre-sigmoid outputs, for numerically stable losses) and `features`
       [batch, frames, feature_dim], with frames = samples // 160 + 1.
     """
     dropout = nn.Dropout(0.5, deterministic=not (train and self.dropout))
     gru = layers.scaled(256, self.width)
     x = audio.log_mel(audio_batch)  # [batch, frames, 229]
     # BatchNorm over mel bins (Kong's bn0), before any compute-dtype cast.
-    x = _batch_norm(train, jnp.float32, name="mel_norm")(x)
+    x = _batch_norm(train, name="mel_norm")(x)
     x = x.astype(self.dtype)[..., None]  # [batch, frames, 229, 1]
 
     # Four acoustic models; their biGRUs run as one grouped scan per layer.
@@ -124,21 +126,24 @@ class CRNN(nn.Module):
     for layer in range(2):
       h = layers.BiGRU(gru, groups=len(HEADS), dtype=self.dtype, name=f"acoustic_gru_{layer}")(h)
     h = dropout(h)  # [4, batch, frames, 2 * gru]
-    frame, onset, offset, velocity = (
-        nn.sigmoid(nn.Dense(NUM_PITCHES, dtype=self.dtype, name=f"{head}_fc")(h[i]))
-        for i, head in enumerate(HEADS))  # each [batch, frames, 88]
+    # Output layers run in float32, so logits and probabilities keep their precision under bfloat16.
+    head = lambda name, x: nn.Dense(NUM_PITCHES, dtype=jnp.float32, name=name)(x)  # noqa: E731
+    logits = {name: head(f"{name}_fc", h[i]) for i, name in enumerate(HEADS)}  # each [batch, frames, 88]
+    frame, onset, offset, velocity = (nn.sigmoid(logits[name]) for name in HEADS)
     offset_hidden = h[HEADS.index("offset")]
 
     # Onsets conditioned on velocities: [onset, sqrt(onset) * velocity].
     x = jnp.concatenate([onset, jnp.sqrt(onset) * jax.lax.stop_gradient(velocity)], axis=-1)
     onset_hidden = dropout(layers.BiGRU(gru, dtype=self.dtype, name="onset_gru")(x))  # [batch, frames, 2 * gru]
-    onset = nn.sigmoid(nn.Dense(NUM_PITCHES, dtype=self.dtype, name="onset_gru_fc")(onset_hidden))
+    logits["onset"] = head("onset_gru_fc", onset_hidden)
+    onset = nn.sigmoid(logits["onset"])
 
     # Frames conditioned on (refined) onsets and offsets.
     x = jnp.concatenate([frame, jax.lax.stop_gradient(onset), jax.lax.stop_gradient(offset)], axis=-1)
     frame_hidden = dropout(layers.BiGRU(gru, dtype=self.dtype, name="frame_gru")(x))  # [batch, frames, 2 * gru]
-    frame = nn.sigmoid(nn.Dense(NUM_PITCHES, dtype=self.dtype, name="frame_gru_fc")(frame_hidden))
+    logits["frame"] = head("frame_gru_fc", frame_hidden)
+    frame = nn.sigmoid(logits["frame"])
 
-    features = jnp.concatenate([onset_hidden, offset_hidden, frame_hidden], axis=-1)
-    outputs = {"frame": frame, "onset": onset, "offset": offset, "velocity": velocity, "features": features}
-    return {k: v.astype(jnp.float32) for k, v in outputs.items()}
+    features = jnp.concatenate([onset_hidden, offset_hidden, frame_hidden], axis=-1).astype(jnp.float32)
+    return {"frame": frame, "onset": onset, "offset": offset, "velocity": velocity, "features": features,
+            "logits": logits}

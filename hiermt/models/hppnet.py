@@ -44,7 +44,8 @@ class _Trunk(nn.Module):
       return nn.Conv(features, kernel, padding="SAME", kernel_dilation=dilation, dtype=self.dtype)(x)
 
     def norm(x):
-      return nn.InstanceNorm(use_scale=False, use_bias=False, epsilon=1e-5, dtype=self.dtype)(x)
+      # Normalisation in float32 under a bfloat16 compute dtype; the next conv casts its input.
+      return nn.InstanceNorm(use_scale=False, use_bias=False, epsilon=1e-5, dtype=jnp.float32)(x)
 
     for _ in range(3):
       x = norm(nn.relu(conv(x, self.channels, (7, 7))))  # [batch, time, 352, channels]
@@ -62,8 +63,9 @@ class _PitchHeads(nn.Module):
   """HPPNet's FreqGroupLSTM heads on one shared input.
 
   Per head: a biLSTM along time whose weights are shared by all 88 pitches,
-  then Linear(1) and a sigmoid. The heads' LSTMs run as one grouped scan.
-  [batch, time, 88, in] -> {head: [batch, time, 88]}.
+  then Linear(1) (in float32) giving the logit of the head's sigmoid. The
+  heads' LSTMs run as one grouped scan.
+  [batch, time, 88, in] -> {head: float32 logits [batch, time, 88]}.
   """
   features: int
   heads: tuple[str, ...]
@@ -75,15 +77,15 @@ class _PitchHeads(nn.Module):
     x = jnp.transpose(x, (0, 2, 1, 3)).reshape(batch * pitches, time, channels)  # [batch * 88, time, in]
     x = jnp.broadcast_to(x, (len(self.heads), *x.shape))  # [heads, batch * 88, time, in]
     h = layers.BiLSTM(max(1, self.features // 2), groups=len(self.heads), dtype=self.dtype, name="lstm")(x)
-    rolls = {}
+    logits = {}
     for i, head in enumerate(self.heads):
-      logits = nn.Dense(1, dtype=self.dtype, name=f"{head}_fc")(h[i])[..., 0]  # [batch * 88, time]
-      rolls[head] = nn.sigmoid(logits.reshape(batch, pitches, time).transpose(0, 2, 1))  # [batch, time, 88]
-    return rolls
+      flat = nn.Dense(1, dtype=jnp.float32, name=f"{head}_fc")(h[i])[..., 0]  # [batch * 88, time]
+      logits[head] = flat.reshape(batch, pitches, time).transpose(0, 2, 1)  # [batch, time, 88]
+    return logits
 
 
 class _SubNet(nn.Module):
-  """Trunk plus named heads; `time_pool` halves the frame rate inside."""
+  """Trunk plus named heads (logits); `time_pool` halves the frame rate inside."""
   channels: int
   features: int
   heads: tuple[str, ...]
@@ -97,13 +99,15 @@ class _SubNet(nn.Module):
     if self.time_pool:
       x = nn.max_pool(x, (2, 1), strides=(2, 1))  # [batch, time // 2, 352, 1]
     y = _Trunk(self.channels, self.features, dtype=self.dtype, name="trunk")(x)
-    rolls = _PitchHeads(self.features, self.heads, dtype=self.dtype, name="heads")(y)  # each [batch, time', 88]
+    logits = _PitchHeads(self.features, self.heads, dtype=self.dtype, name="heads")(y)  # each [batch, time', 88]
     if self.time_pool:
       # Linear interpolation with half-pixel centres, as PyTorch's bilinear
-      # (align_corners=False) over an unchanged pitch axis.
-      rolls = {k: jax.image.resize(v, (batch, time, NUM_PITCHES), method="linear", antialias=False)
-               for k, v in rolls.items()}
-    return rolls
+      # (align_corners=False) over an unchanged pitch axis. The official code
+      # interpolates the probabilities; interpolating the logits keeps every
+      # output a sigmoid of a logit, so losses can be computed stably from logits.
+      logits = {k: jax.image.resize(v, (batch, time, NUM_PITCHES), method="linear", antialias=False)
+                for k, v in logits.items()}
+    return logits
 
 
 class HPPNet(nn.Module):
@@ -135,15 +139,16 @@ class HPPNet(nn.Module):
 
     Returns:
       dict of float32 arrays: `frame`, `onset`, `offset`, `velocity`
-      [batch, frames, 88] sigmoid outputs and `features` [batch, frames, 352],
-      with frames = samples // 320 + 1.
+      [batch, frames, 88] sigmoid outputs, `logits` (a dict of the four
+      pre-sigmoid outputs, for numerically stable losses) and `features`
+      [batch, frames, 352], with frames = samples // 320 + 1.
     """
     del train
     x = audio.cqt(audio_batch).astype(self.dtype)[..., None]  # [batch, frames, 352, 1]
     channels, embedding = layers.scaled(16, self.width), layers.scaled(128, self.width)
-    rolls = _SubNet(channels, embedding, ONSET_HEADS, time_pool=False, dtype=self.dtype, name="onset_subnet")(x)
-    rolls |= _SubNet(channels, embedding, FRAME_HEADS, time_pool=True, dtype=self.dtype, name="frame_subnet")(x)
-    rolls = {k: v.astype(jnp.float32) for k, v in rolls.items()}
+    logits = _SubNet(channels, embedding, ONSET_HEADS, time_pool=False, dtype=self.dtype, name="onset_subnet")(x)
+    logits |= _SubNet(channels, embedding, FRAME_HEADS, time_pool=True, dtype=self.dtype, name="frame_subnet")(x)
+    rolls = {k: nn.sigmoid(v) for k, v in logits.items()}  # each float32 [batch, frames, 88]
     batch, frames = x.shape[:2]
     features = jnp.stack([rolls[k] for k in ROLLS], axis=-1).reshape(batch, frames, self.feature_dim)
-    return rolls | {"features": features}
+    return rolls | {"features": features, "logits": logits}

@@ -1,0 +1,131 @@
+"""Training objectives: each encoder's published roll targets and loss, and the LM stages' token loss.
+
+The encoder stage trains the roll heads the way each encoder's authors did.
+`for_encoder(config.encoder.name)` is the one place that chooses them:
+
+* `crnn` (Kong et al. 2021, bytedance/piano_transcription): regression
+  targets (`rolls.kong_targets`); binary cross-entropy of the onset, offset
+  and frame heads against them under the crop mask, plus BCE of the velocity
+  head against velocity / 128 on onset frames; the four terms summed.
+* `hppnet` (Wei et al. 2022, WX-Wei/HPPNet `transcriber.py`): one-frame binary
+  targets (`rolls.hppnet_targets`); onset BCE with the positive term weighted
+  2, BCE for offset and frame, each a mean over all frames and pitches; the
+  velocity head's squared error against velocity / 128 summed over onset
+  frames and divided by their count (0 without onsets); the four terms summed.
+
+Every loss is computed in float32 from the heads' logits (log-sigmoid form),
+so a confident wrong prediction keeps its gradient under a bfloat16 compute
+dtype instead of sitting on a clipped probability.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hiermt.data import rolls
+
+def binary_cross_entropy(logits, target, positive_weight=1.0):
+  """Elementwise -(w * y * log(sigmoid(x)) + (1 - y) * log(1 - sigmoid(x))), stable in float32."""
+  logits = logits.astype(jnp.float32)
+  return -(positive_weight * target * jax.nn.log_sigmoid(logits) + (1.0 - target) * jax.nn.log_sigmoid(-logits))
+
+
+def _masked_mean(values, mask):
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _frame_counts(out, batch):
+  """Frame-level true/false positive and false negative counts at threshold 0.5, for frame F1."""
+  pred = out["frame"] >= 0.5
+  ref = batch["frame"] >= 0.5
+  return {"frame_tp": jnp.sum(pred & ref), "frame_fp": jnp.sum(pred & ~ref), "frame_fn": jnp.sum(~pred & ref)}
+
+
+def _result(terms, out, batch):
+  metrics = {f"loss_{k}": v for k, v in terms.items()}
+  metrics.update(_frame_counts(out, batch))
+  return sum(terms.values()), metrics
+
+
+def kong_loss(out, batch):
+  """Kong et al.'s note loss. `out` holds the encoder's `logits` and `frame` probabilities.
+
+  Returns:
+    (loss, metrics): the summed loss and its terms plus frame counts.
+  """
+  logits = out["logits"]
+  mask = batch.get("mask", jnp.ones_like(batch["frame"]))
+  terms = {k: _masked_mean(binary_cross_entropy(logits[k], batch[k]), mask) for k in ("onset", "offset", "frame")}
+  terms["velocity"] = _masked_mean(binary_cross_entropy(logits["velocity"], batch["velocity"]), batch["onset_mask"])
+  return _result(terms, out, batch)
+
+
+# HPPNet weights the positive term of its onset loss by 2.
+HPPNET_ONSET_POSITIVE_WEIGHT = 2.0
+
+
+def hppnet_loss(out, batch):
+  """HPPNet's note loss. `out` holds the encoder's `logits` and `frame` probabilities.
+
+  Returns:
+    (loss, metrics): the summed loss and its terms plus frame counts.
+  """
+  logits = out["logits"]
+  terms = {
+      "onset": jnp.mean(binary_cross_entropy(logits["onset"], batch["onset"], HPPNET_ONSET_POSITIVE_WEIGHT)),
+      "offset": jnp.mean(binary_cross_entropy(logits["offset"], batch["offset"])),
+      "frame": jnp.mean(binary_cross_entropy(logits["frame"], batch["frame"])),
+  }
+  velocity = jax.nn.sigmoid(logits["velocity"].astype(jnp.float32))
+  terms["velocity"] = _masked_mean((batch["velocity"] - velocity) ** 2, batch["onset"])
+  return _result(terms, out, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class RollObjective:
+  """An encoder's pretraining objective.
+
+  Attributes:
+    targets: (notes, start seconds, num_frames, fps) -> dict of float32 [frames, 88] targets.
+    loss: (encoder outputs, batch of targets) -> (loss, metrics).
+  """
+  targets: Callable
+  loss: Callable
+
+
+_ROLL_OBJECTIVES = {
+    "crnn": RollObjective(rolls.kong_targets, kong_loss),
+    "hppnet": RollObjective(rolls.hppnet_targets, hppnet_loss),
+}
+
+
+def for_encoder(name: str) -> RollObjective:
+  """The published pretraining objective of encoder `name` (`config.encoder.name`)."""
+  if name not in _ROLL_OBJECTIVES:
+    raise ValueError(f"unknown encoder {name!r}; valid: {', '.join(_ROLL_OBJECTIVES)}")
+  return _ROLL_OBJECTIVES[name]
+
+
+def token_loss(logits, batch):
+  """Next-token cross-entropy on the stage's loss mask.
+
+  Args:
+    logits: [batch, length, vocab], row t predicting token t + 1.
+    batch: "tokens" int [batch, length] and "loss_mask" [batch, length]
+      (1 where the token is a prediction target).
+
+  Returns:
+    (loss, metrics): the mean over target tokens; "accuracy" (greedy) and
+    "tokens" (the number of target tokens).
+  """
+  targets = batch["tokens"][:, 1:]  # [batch, len-1]
+  weights = batch["loss_mask"][:, 1:]
+  logits = logits[:, :-1].astype(jnp.float32)  # [batch, len-1, vocab]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  denom = jnp.maximum(jnp.sum(weights), 1.0)
+  loss = jnp.sum(ce * weights) / denom
+  correct = (jnp.argmax(logits, -1) == targets) * weights
+  return loss, {"accuracy": jnp.sum(correct) / denom, "tokens": jnp.sum(weights)}
