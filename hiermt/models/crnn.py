@@ -28,15 +28,17 @@ from hiermt.models import layers
 
 NUM_PITCHES = 88
 HEADS = ("frame", "onset", "offset", "velocity")  # the four acoustic models, in group order
-# PyTorch BatchNorm momentum 0.01 is a running-average decay of 0.99.
-_BN_MOMENTUM = 0.99
-_BN_EPSILON = 1e-5
+# Kong's code builds bn0 and the conv blocks' norms as `BatchNorm2d(channels, momentum)`,
+# whose second positional argument is eps: they run with eps 0.01 and PyTorch's default
+# momentum 0.1 (running-average decay 0.9). Only fc5's `BatchNorm1d(768, momentum=momentum)`
+# gets momentum 0.01 (decay 0.99) with the default eps 1e-5. Imported weights need exactly these.
+_CONV_BN = dict(momentum=0.9, epsilon=0.01)
+_FC_BN = dict(momentum=0.99, epsilon=1e-5)
 
 
-def _batch_norm(train, name=None):
+def _batch_norm(train, kind, name=None):
   # Normalisation stays float32 under a bfloat16 compute dtype; the next layer casts its input.
-  return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                      dtype=jnp.float32, name=name)
+  return nn.BatchNorm(use_running_average=not train, dtype=jnp.float32, name=name, **kind)
 
 
 class _ConvBlock(nn.Module):
@@ -49,7 +51,7 @@ class _ConvBlock(nn.Module):
     # x: [batch, time, freq, channels]
     for _ in range(2):
       x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
-      x = nn.relu(_batch_norm(train)(x))
+      x = nn.relu(_batch_norm(train, _CONV_BN)(x))
     return nn.avg_pool(x, (1, 2), strides=(1, 2))  # [batch, time, freq // 2, features]
 
 
@@ -73,7 +75,7 @@ class _AcousticFront(nn.Module):
     # fc5 weights correspond one to one with Kong's.
     x = jnp.swapaxes(x, 2, 3).reshape(batch, time, -1)  # [batch, time, channels * 14]
     x = nn.Dense(layers.scaled(768, self.width), use_bias=False, dtype=self.dtype, name="fc5")(x)
-    x = nn.relu(_batch_norm(train)(x))
+    x = nn.relu(_batch_norm(train, _FC_BN)(x))
     return nn.Dropout(0.5, deterministic=deterministic)(x)
 
 
@@ -116,7 +118,7 @@ class CRNN(nn.Module):
     gru = layers.scaled(256, self.width)
     x = audio.log_mel(audio_batch)  # [batch, frames, 229]
     # BatchNorm over mel bins (Kong's bn0), before any compute-dtype cast.
-    x = _batch_norm(train, name="mel_norm")(x)
+    x = _batch_norm(train, _CONV_BN, name="mel_norm")(x)
     x = x.astype(self.dtype)[..., None]  # [batch, frames, 229, 1]
 
     # Four acoustic models; their biGRUs run as one grouped scan per layer.
