@@ -162,6 +162,18 @@ class NoteTranscriber:
     self.stages = stages
     self.batch_segments = batch_segments
     self.last_chain = []  # (rounds, decoded segments, segments) of each chunk's offset chain, for benchmarks
+    # Stages trained with a frozen encoder from one checkpoint hold the same encoder: run it once for all.
+    self.encoder_of = {}
+    for name, stage in stages.items():
+      self.encoder_of[name] = next((other for other in self.encoder_of.values()
+                                    if _same_encoder(stages[other], stage)), name)
+
+  def _encoded(self, chunk, cache, stage):
+    """Encoder outputs of `chunk` for `stage`, shared between stages with the same encoder."""
+    owner = self.encoder_of[stage]
+    if owner not in cache:
+      cache[owner] = self.stages[owner].encode(chunk)
+    return cache[owner]
 
   def transcribe(self, audio, progress=False, name="") -> notes_lib.Notes:
     """Notes of a recording.
@@ -213,16 +225,17 @@ class NoteTranscriber:
     for start, stop in self._chunks(len(segments)):
       chunk, rows = self._padded(segments[start:stop])
       ks = range(start, stop)
-      tokens = onset.free(onset.encode(chunk)["features"], rows)
+      encoded = {}
+      tokens = onset.free(self._encoded(chunk, encoded, "onset_pitch")["features"], rows)
       table = table.extend(stitch.NoteTable.from_onset_tokens(tokens, first_segment=start))
       bars["onset_pitch"].update(rows)
 
       queries = [(k, table.inside(k), 0) for k in ks]
-      answers = velocity.forced(velocity.encode(chunk)["features"], queries, table)
+      answers = velocity.forced(self._encoded(chunk, encoded, "velocity")["features"], queries, table)
       velocities += [vocab.id_to_velocity(a) for a in answers]
       bars["velocity"].update(rows)
 
-      out = offset.encode(chunk)
+      out = self._encoded(chunk, encoded, "offset")
       frame = np.asarray(out["frame"][:rows, :2].mean(axis=1))  # [rows, 88] roll at each segment start
       guesses = {k: stitch.guess_carried(table, k, 21 + np.flatnonzero(frame[k - start] >= _SOUNDING_THRESHOLD))
                  for k in ks}
@@ -295,6 +308,16 @@ class NoteTranscriber:
       if bar is not None:
         bar.update(rows)
     return {k: np.concatenate(v) for k, v in rolls.items()}
+
+
+def _same_encoder(a: StageModel, b: StageModel) -> bool:
+  """Whether two stages hold identical encoders (architecture and every variable)."""
+  if a.config.encoder.to_dict() != b.config.encoder.to_dict() or a.config.train.dtype != b.config.train.dtype:
+    return False
+  trees = [{c: v.get("encoder", {}) for c, v in s.variables.items()} for s in (a, b)]
+  if jax.tree.structure(trees[0]) != jax.tree.structure(trees[1]):
+    return False
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])))
 
 
 def load(workdir, layout="hierarchy", batch_segments=8, fixed_tokens=None) -> NoteTranscriber:

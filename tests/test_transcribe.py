@@ -121,6 +121,20 @@ def test_overfitted_stages_transcribe_the_piece(trained, layout):
   assert estimate.offset.max() <= SECONDS  # the note sounding at the end ends with the audio
   if layout == "hierarchy":
     assert t.last_chain and all(segments == 2 for _, _, segments in t.last_chain)
+    # The stages were trained with one frozen encoder: it runs once per chunk for all three.
+    assert set(t.encoder_of.values()) == {"onset_pitch"}
+
+
+def test_stages_with_different_encoders_run_their_own(trained):
+  import copy
+  workdir, _, _ = trained
+  t = _loaded(str(workdir), "hierarchy")
+  changed = copy.copy(t.stages["velocity"])
+  changed.variables = jax.tree.map(lambda x: x, t.stages["velocity"].variables)
+  kernel = changed.variables["params"]["encoder"]["mel_norm"]["scale"]
+  changed.variables["params"]["encoder"]["mel_norm"]["scale"] = np.asarray(kernel) + 1
+  assert transcribe._same_encoder(t.stages["onset_pitch"], t.stages["velocity"])
+  assert not transcribe._same_encoder(t.stages["onset_pitch"], changed)
 
 
 def test_transcribe_accepts_arrays_and_batches_one_segment_at_a_time(trained):
