@@ -113,6 +113,9 @@ def get_config(arg=None):
   # --- optimisation -------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 12 if stage == "encoder" else batch  # global batch
+  # A batch that does not split over devices x grad_accum is rounded up to the next multiple
+  # (logged; config.json records it). False: such a batch is an error naming the valid values.
+  c.train.round_batch = True
   c.train.steps = 300_000
   # LM stages: the official code's AdamW (lr 1e-4, decay 0.01, constant); the encoder
   # stage: its authors' recipe (ENCODER_RECIPES).
@@ -131,7 +134,7 @@ def get_config(arg=None):
   c.train.remat = False
   c.train.log_every = 100
   c.train.eval_every = 5000
-  c.train.eval_batches = 8
+  c.train.eval_batches = 8  # validation batches per evaluation; 0: no evaluation
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
   # Parameter sharding over an `fsdp` mesh axis of this size (1: pure data parallel).

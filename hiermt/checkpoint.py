@@ -1,15 +1,17 @@
 """Orbax checkpoints of one stage under WORKDIR/STAGE/, and encoder hand-over between stages.
 
-A checkpoint holds the whole train state and each process's Grain iterator state,
-so a restarted run continues the same loss curve on the same data.
+A checkpoint holds the whole train state and the data position (the next global
+batch index; batch k is a pure function of the seed and k), so a restarted run
+continues the same loss curve on the same data on any number of processes,
+devices or loader workers.
 """
 
 import contextlib
+import json
 import logging as std_logging
 import os
 
 from absl import logging
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -27,24 +29,84 @@ def make_manager(directory, config):
   return ocp.CheckpointManager(os.path.join(directory, "checkpoints"), options=options)
 
 
-def save(manager, step, state, data_iter, *, force=False):
-  """Saves state + iterator state at `step` (asynchronously for the arrays)."""
+def save(manager, step, state, *, force=False):
+  """Saves state (asynchronously) and the data position at `step`: the run continues with batch `step`."""
   return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"next_batch": int(step)})), force=force)
 
 
-def restore_latest(manager, abstract_state, data_iter):
+def restore_latest(manager, abstract_state):
   """Restores the newest checkpoint into `abstract_state`'s shapes and shardings.
 
-  Returns (state, step), or (None, 0) when the directory has no checkpoint. The
-  iterator is restored in place.
+  Returns (state, step), or (None, 0) when the directory has no checkpoint; the
+  data stream resumes at global batch `step` (`pipeline.make_dataset(first_batch=step)`).
+  Checkpoints of earlier versions also hold per-process Grain iterator states
+  ("data_iter"): they are not read, which is what lets a run resume on another
+  number of processes.
   """
   step = manager.latest_step()
   if step is None:
     return None, 0
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   return restored["state"], step
+
+
+def _flat_shapes(tree):
+  """{'params/encoder/conv/kernel': (shape, dtype)} of a pytree of arrays or array metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): (tuple(x.shape), str(x.dtype))
+          for path, x in leaves}
+
+
+def _flat_config(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resume(directory, step, abstract_state, config):
+  """Before resuming `directory` at `step`: refuses a model whose variables changed shape.
+
+  Compares `abstract_state` (this run's state) with the checkpoint's saved shapes
+  and this config with the stage's config.json.
+
+  Returns:
+    The config fields that differ from config.json, as "key: old -> new" strings
+    (logged by the caller; fine to change: optimiser, steps, logging, data, ...).
+  Raises:
+    ValueError: variables were added, removed or reshaped, naming them and the
+      config fields that differ.
+  """
+  changed = []
+  config_path = os.path.join(directory, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      old = _flat_config(json.load(f))
+    new = _flat_config(json.loads(config.to_json_best_effort()))
+    changed = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  path = os.path.join(directory, "checkpoints", str(step), "state")
+  with ocp.StandardCheckpointer() as checkpointer, _quiet_item_metadata():
+    saved = _flat_shapes(checkpointer.metadata(path).item_metadata)
+  want = _flat_shapes(abstract_state)
+  diffs = [f"{k}: checkpoint {saved[k][0] if k in saved else '(absent)'}, "
+           f"this config {want[k][0] if k in want else '(absent)'}"
+           for k in sorted(set(saved) | set(want), key=lambda k: (0 if k.startswith("params") else
+                                                                 1 if k.startswith("batch_stats") else 2, k))
+           if saved.get(k, (None,))[0] != want.get(k, (None,))[0]]
+  if diffs:
+    shown = "\n  ".join(diffs[:20] + ([f"... {len(diffs) - 20} more"] if len(diffs) > 20 else []))
+    fields = "\n  ".join(changed) or "(none: config.json is missing or equal)"
+    raise ValueError(
+        f"cannot resume {directory} at step {step}: this config's train state (model or optimizer) does not "
+        f"match the checkpoint's.\n"
+        f"Variables that differ:\n  {shown}\nConfig fields that differ from {config_path}:\n  {fields}\n"
+        f"Restore the original values, or train into another --workdir.")
+  return changed
 
 
 class _DropMissingMetadata(std_logging.Filter):
@@ -72,12 +134,86 @@ def has_checkpoint(directory) -> bool:
   return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
 
 
+def _latest_state_path(directory, missing_hint):
+  ckpt_dir = os.path.join(directory, "checkpoints")
+  manager = ocp.CheckpointManager(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+  step = manager.latest_step() if manager else None
+  if manager:
+    manager.close()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}. {missing_hint}")
+  return os.path.join(ckpt_dir, str(step), "state"), step
+
+
+class MismatchError(ValueError):
+  """A checkpoint's variables do not have the shapes this config's model needs."""
+
+
+def _restore_subtrees(path, subtrees, like=None):
+  """Restores only `subtrees` ({collection: key path, () for all of it}) of the state saved at `path`.
+
+  Nothing else (optimizer state, other subtrees) is read.
+
+  Args:
+    path: a checkpoint's `state` item folder.
+    subtrees: what to read, e.g. {"params": ("encoder",)}.
+    like: optional {collection: pytree of arrays or ShapeDtypeStructs}: the
+      restored subtree must have its structure and shapes, and each array lands
+      in its sharding (each process reads only its shards). Without it, arrays
+      land on this process's first device with the saved shapes and dtypes.
+  Returns:
+    {collection: restored subtree, or {} where the checkpoint has none}.
+  Raises:
+    MismatchError: `like` and the checkpoint differ, naming the variables.
+  """
+  with _quiet_item_metadata():
+    with ocp.StandardCheckpointer() as checkpointer:
+      saved = checkpointer.metadata(path).item_metadata
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {}
+    for collection, keys in subtrees.items():
+      node = saved.get(collection) if hasattr(saved, "get") else None
+      for key in keys:
+        node = node.get(key) if hasattr(node, "get") else None
+      want = (like or {}).get(collection)
+      if node is None or not jax.tree.leaves(node):
+        if want is not None and jax.tree.leaves(want):
+          raise MismatchError(f"{path} has no {'/'.join((collection,) + tuple(keys))} subtree")
+        continue
+      if want is None:
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), node)
+      else:
+        have, need = _flat_shapes(node), _flat_shapes(want)
+        diffs = [f"{collection}/{k}: checkpoint {have[k][0] if k in have else '(absent)'}, "
+                 f"wanted {need[k][0] if k in need else '(absent)'}"
+                 for k in sorted(set(have) | set(need)) if have.get(k, (None,))[0] != need.get(k, (None,))[0]]
+        if diffs:
+          raise MismatchError(f"{path} does not match: " + "; ".join(diffs[:10]) +
+                              (f"; ... {len(diffs) - 10} more" if len(diffs) > 10 else ""))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), want)
+      for key in reversed(keys):
+        abstract = {key: abstract}
+      target[collection] = abstract
+    restored = {}
+    if target:
+      with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  out = {}
+  for collection, keys in subtrees.items():
+    node = restored.get(collection, {})
+    for key in keys:
+      node = node.get(key, {})
+    out[collection] = node
+  return out
+
+
 def load_variables(directory, missing_hint):
-  """Params and batch statistics of the newest checkpoint in a stage directory, as host arrays.
+  """Params and batch statistics of the newest checkpoint in a stage directory.
 
   Restores onto this process's first device whatever the saving topology was
-  (other device or process count), using the saved shapes and dtypes; the
-  optimizer state is read from disk but not kept.
+  (other device or process count), using the saved shapes and dtypes; nothing
+  else of the state (optimizer moments) is read.
 
   Args:
     directory: WORKDIR/STAGE.
@@ -88,38 +224,36 @@ def load_variables(directory, missing_hint):
   Raises:
     FileNotFoundError: no checkpoint in `directory`.
   """
-  ckpt_dir = os.path.join(directory, "checkpoints")
-  manager = ocp.CheckpointManager(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-  step = manager.latest_step() if manager else None
-  if manager:
-    manager.close()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}. {missing_hint}")
-  path = os.path.join(ckpt_dir, str(step), "state")
-  with ocp.StandardCheckpointer() as checkpointer, _quiet_item_metadata():
-    saved = checkpointer.metadata(path).item_metadata
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), saved)
-    state = checkpointer.restore(path, abstract)
-  return {c: state.get(c) or {} for c in ("params", "batch_stats")}, step
+  path, step = _latest_state_path(directory, missing_hint)
+  return _restore_subtrees(path, {"params": (), "batch_stats": ()}), step
 
 
-def load_encoder(directory):
+def load_encoder(directory, like=None):
   """Params (and batch statistics) of the encoder from the newest checkpoint in `directory`.
 
   `directory` is an encoder-stage directory (WORKDIR/encoder) or any stage directory
-  whose state holds an `encoder` subtree. Returns {"params": ..., "batch_stats": ...}
-  as host arrays.
+  whose state holds an `encoder` subtree (every stage's model nests it so). Only
+  that subtree is read: no optimizer state, no decoder.
+
+  Args:
+    directory: the stage directory.
+    like: {"params": ..., "batch_stats": ...} encoder subtrees (arrays or
+      ShapeDtypeStructs with shardings) to restore into: shapes are checked and
+      each process reads only its shards. None: this process's first device.
+  Returns:
+    {"params": ..., "batch_stats": ...} (an empty dict for a collection the encoder lacks).
   Raises:
     FileNotFoundError: no checkpoint there, with what to run first.
+    MismatchError: the saved encoder does not have `like`'s shapes.
   """
-  variables, step = load_variables(
+  path, step = _latest_state_path(
       directory,
       "Pretrain the encoder first (python -m hiermt.main --config=configs/base.py:encoder --workdir=WORKDIR), "
       "point --config.init_from at a stage directory that has one, or set --config.init_from=none "
       "to start the encoder from scratch")
-  # The encoder stage trains the encoder alone; LM stages nest it under "encoder".
-  out = {c: tree.get("encoder", tree) if isinstance(tree, dict) else tree for c, tree in variables.items()}
+  out = _restore_subtrees(path, {"params": ("encoder",), "batch_stats": ("encoder",)}, like)
+  if not out["params"]:
+    raise ValueError(f"the checkpoint {path} holds no params/encoder subtree")
   logging.info("encoder initialised from %s (step %d)", directory, step)
   return out
 
@@ -129,7 +263,8 @@ def write_stage(directory, config, state):
 
   For checkpoints made outside the training loop (imported encoders, tests,
   benchmarks): `transcribe.load` and the encoder hand-over read them like any
-  other; they hold no data-iterator state, so training does not resume from them.
+  other; a training run in that directory resumes from them at batch `state.step`
+  as from its own.
   """
   write_config(directory, config)
   manager = make_manager(directory, config)

@@ -4,6 +4,10 @@ STAGE is encoder | onset_pitch | velocity | offset | flatten; any config field c
 be overridden with --config.KEY=VALUE (see configs/base.py for the fields).
 The command re-runs itself under tcmalloc when it is installed (hiermt/allocator.py;
 HIERMT_TCMALLOC=0 keeps the system allocator).
+
+Exit status: 0 when the stage is trained to `train.steps`; 75
+(`train.PREEMPTED_EXIT_CODE`, EX_TEMPFAIL) when a SIGTERM stopped it after every
+process saved a checkpoint: run the same command again to resume.
 """
 
 if __name__ == "__main__":
@@ -12,6 +16,7 @@ if __name__ == "__main__":
   allocator.use_tcmalloc()
 
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -42,7 +47,11 @@ def main(argv):
   logging.get_absl_handler().addFilter(_HiermtInfo())
   logging.info("host allocator: %s", "tcmalloc" if allocator.tcmalloc_loaded() else
                f"system (install libtcmalloc-minimal4 for faster CPU steps, or {allocator.ENV_SWITCH}=0 is set)")
-  train.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.run(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

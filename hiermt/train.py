@@ -6,6 +6,7 @@ code runs on one CPU, one GPU, eight GPUs or many hosts: the batch is split
 over a [data, fsdp] mesh and XLA inserts the collectives.
 """
 
+import copy
 import dataclasses
 import functools
 import json
@@ -18,6 +19,7 @@ from typing import Any
 from absl import logging
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -298,24 +300,67 @@ def init_encoder_from(state, config, workdir, shardings):
 # ----------------------------------------------------------------------------
 # Loop
 # ----------------------------------------------------------------------------
+# Exit status of a preempted run: EX_TEMPFAIL of sysexits.h ("temporary failure; the user is
+# invited to retry"). `launch/slurm.sbatch` requeues the job on it, `launch/paper_recipe.sh`
+# stops on it; running the same command again resumes.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+  """A SIGTERM reached the run: every process saved `step` and stopped; run the same command to resume."""
+
+  def __init__(self, step, directory):
+    super().__init__(f"preempted: every process saved step {step} in {directory}; run the same command "
+                     f"again to resume (exit status {PREEMPTED_EXIT_CODE})")
+    self.step = step
+    self.directory = directory
+
+
+def _preemption_service_running():
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so a preempted job saves first."""
+  """Decides, after every step, whether all processes stop at this step because of a SIGTERM.
+
+  One process: a SIGTERM handler sets a flag. Several processes: the signal may
+  reach one host a step later than another (or only one), and Orbax's save starts
+  with a barrier, so stopping on a local flag would deadlock. JAX's preemption
+  service (started by `jax.distributed.initialize`, with its own SIGTERM handler
+  in every process) tells all processes and names one common step,
+  `multihost_utils.reached_preemption_sync_point`; without the service, the flags
+  are all-gathered every step.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._mode = "local"
+    if jax.process_count() > 1:
+      self._mode = "service" if _preemption_service_running() else "allgather"
+    # The service's handler catches SIGTERM in C++; a Python handler would replace it.
+    self._previous = signal.signal(signal.SIGTERM, self._handle) if self._mode != "service" else None
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM: saving a checkpoint before exiting")
     self.requested = True
 
+  def stop_after(self, step):
+    """Whether every process stops after `step`; call once after every step, on every process."""
+    if self._mode == "service":
+      return multihost_utils.reached_preemption_sync_point(step)
+    if self._mode == "allgather":
+      return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _host_metrics(metrics):
-  """Averages a list of per-step metric dicts fetched from the device."""
+  """Averages a list of per-step metric dicts (on the device or fetched)."""
   host = jax.device_get(metrics)
   out = {k: float(np.mean([m[k] for m in host])) for k in host[0] if not k.startswith("frame_")}
   counts = {k: float(np.sum([m[k] for m in host])) for k in host[0] if k.startswith("frame_")}
@@ -336,6 +381,34 @@ def evaluate(config, state, mesh, eval_fn):
   return _host_metrics(results)
 
 
+def resolve_batch_size(config, num_devices):
+  """The global batch a run of `config` uses on `num_devices` devices.
+
+  Every device takes the same number of rows of every one of the
+  `train.grad_accum` micro-batches, so the batch must be a multiple of devices x
+  grad_accum. Another `train.batch_size` is rounded up to the next such multiple
+  when `train.round_batch` is set (the default; a warning says so and config.json
+  records the value used), and is an error naming the nearest valid values otherwise.
+  """
+  t = config.train
+  split = num_devices * t.grad_accum
+  if t.batch_size % split == 0:
+    return t.batch_size
+  up = -(-t.batch_size // split) * split
+  down = (t.batch_size // split) * split
+  if t.get("round_batch", True):
+    logging.warning("train.batch_size=%d does not split over %d devices x grad_accum %d: using %d "
+                    "(train.round_batch rounds it up; set a multiple of %d to choose yourself)",
+                    t.batch_size, num_devices, t.grad_accum, up, split)
+    return up
+  valid = " or ".join(str(v) for v in (down, up) if v > 0)
+  per_device = [a for a in range(1, t.batch_size + 1) if t.batch_size % (num_devices * a) == 0]
+  accum_hint = (f", or keep it with train.grad_accum in {per_device}" if per_device else "")
+  raise ValueError(f"train.batch_size={t.batch_size} cannot be split over {num_devices} devices x "
+                   f"train.grad_accum {t.grad_accum}: use a multiple of {split} (nearest: {valid}){accum_hint}, "
+                   f"or set train.round_batch=True to round it up")
+
+
 @dataclasses.dataclass
 class Compiled:
   """Everything a loop needs: the model, the sharded fresh state and the jitted steps."""
@@ -346,27 +419,32 @@ class Compiled:
   train_fn: Any  # (state, global batch, rng) -> (state, metrics)
   eval_fn: Any  # (state, global batch) -> metrics
   step_rng: jax.Array
+  config: Any = None  # the config with the batch size used on this mesh (`resolve_batch_size`)
 
 
 def compile_steps(config, devices=None):
-  """Builds the mesh, model, optimiser, sharded initial state and jitted steps for `config`."""
+  """Builds the mesh, model, optimiser, sharded initial state and jitted steps for `config`.
+
+  `Compiled.config` is a copy of `config` whose `train.batch_size` fits the mesh
+  (`resolve_batch_size`); data pipelines must use it.
+  """
   mesh = partitioning.make_mesh(config.train.fsdp, devices)
-  split = config.train.grad_accum * mesh.size
-  if config.train.batch_size % split:
-    raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of "
-                     f"train.grad_accum x devices = {split}")
+  batch_size = resolve_batch_size(config, mesh.size)
+  if batch_size != config.train.batch_size:
+    config = copy.deepcopy(config)
+    config.train.batch_size = batch_size
   model = transcriber.build_model(config)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   tx = make_optimizer(config)
   state, shardings = create_state(model, config, tx, mesh, init_rng)
   batch_sh = partitioning.batch_sharding(mesh)
   repl = partitioning.replicated(mesh)
-  train_fn = jax.jit(functools.partial(train_step, model, config, tx),
+  train_fn = jax.jit(functools.partial(train_step, model, config, tx, mesh=mesh),
                      in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
                      donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, model, config), in_shardings=(shardings, batch_sh),
                     out_shardings=repl)
-  return Compiled(model, mesh, state, shardings, train_fn, eval_fn, step_rng)
+  return Compiled(model, mesh, state, shardings, train_fn, eval_fn, step_rng, config)
 
 
 def run(config, workdir, devices=None):
@@ -378,75 +456,112 @@ def run(config, workdir, devices=None):
     devices: devices of the mesh; all devices of all processes by default.
   Returns:
     The final train state.
+  Raises:
+    Preempted: a SIGTERM stopped the run after every process saved the same step
+      (`python -m hiermt.main` exits with PREEMPTED_EXIT_CODE).
+    NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
+    ValueError: the checkpoint to resume does not match this config's model.
   """
   partitioning.initialize_distributed()
   # Identical programs (restarts, later stages, tests) then compile once per machine.
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser(config.data.cache_dir), "xla"))
   directory = checkpoint.stage_dir(workdir, config.stage)
-  checkpoint.write_config(directory, config)
   c = compile_steps(config, devices)
+  config = c.config
   mesh, state, shardings, train_fn, eval_fn, step_rng = c.mesh, c.state, c.shardings, c.train_fn, c.eval_fn, c.step_rng
 
-  train_iter = iter(pipeline.make_dataset(config, config.data.train_split, seed=config.seed))
   manager = checkpoint.make_manager(directory, config)
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-  restored, start_step = checkpoint.restore_latest(manager, abstract_state, train_iter)
+  latest = manager.latest_step()
+  if latest is not None:
+    try:
+      changed = checkpoint.check_resume(directory, latest, abstract_state, config)
+    except ValueError:
+      manager.close()
+      raise
+    if changed:
+      logging.warning("resuming %s with config changes against its config.json:\n  %s",
+                      directory, "\n  ".join(changed))
+  checkpoint.write_config(directory, config)
+  restored, start_step = checkpoint.restore_latest(manager, abstract_state)
   if restored is not None:
     state = restored
     logging.info("resumed %s from step %d", directory, start_step)
   else:
     state = init_encoder_from(state, config, workdir, shardings)
+  # Global batch k is a pure function of (seed, k): the data resume at batch `start_step`.
+  train_iter = iter(pipeline.make_dataset(config, config.data.train_split, seed=config.seed,
+                                          first_batch=start_step))
 
   is_main = jax.process_index() == 0
   writer = Writer(os.path.join(directory, "tensorboard")) if is_main else None
   metrics_log = open(os.path.join(directory, "metrics.jsonl"), "a") if is_main else None
   schedule = learning_rate_schedule(config)
   preemption = _Preemption()
-  pending, truncated, last_time, last_step = [], 0, time.time(), start_step
+  pending, window, truncated = [], [], 0
+  last_time, last_step, paused = time.time(), start_step, 0.0
   t = config.train
   step = start_step
+  preempted = False
   try:
     while step < t.steps:
       batch = next(train_iter)
-      truncated += int(np.sum(batch.pop("truncated", 0)))
       state, metrics = train_fn(state, partitioning.global_batch(mesh, batch), step_rng)
       step += 1
       pending.append(metrics)
-      boundary = step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.steps
-      if not (boundary or preemption.requested):
+      # Every process asks after every step, so all of them stop after the same one.
+      preempted = preemption.stop_after(step) and step < t.steps
+      log_now = step % t.log_every == 0 or step == t.steps or preempted  # no step left unlogged
+      eval_now = t.eval_batches > 0 and (step % t.eval_every == 0 or step == t.steps)
+      save_now = step % t.checkpoint_every == 0 or step == t.steps or preempted
+      if not (log_now or eval_now or save_now):
         continue
-      summary = _host_metrics(pending)
+      host = jax.device_get(pending)
       pending = []
-      if not all(math.isfinite(v) for v in summary.values()):
+      truncated += sum(int(m.pop("truncated_sequences", 0)) for m in host)  # over the global batches
+      window += host
+      if not all(math.isfinite(v) for v in _host_metrics(host).values()):
         raise NonFiniteLossError(
-            f"non-finite loss at step {step} ({summary}); stopping. The last good checkpoint "
+            f"non-finite loss at step {step} ({_host_metrics(host)}); stopping. The last good checkpoint "
             f"(step {manager.latest_step()}) is kept in {directory}. Lower --config.train.lr, "
             f"raise warmup, or use float32 compute.")
-      now = time.time()
-      steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
-      last_time, last_step = now, step
-      summary.update(lr=float(schedule(step - 1)), steps_per_s=steps_per_s,
-                     examples_per_s=steps_per_s * t.batch_size)
-      if "tokens" in summary:
-        summary["tokens_per_s"] = steps_per_s * summary.pop("tokens")
-      summary["truncated_sequences"] = truncated
-      if is_main and (step % t.log_every == 0 or step == t.steps):
-        _log(writer, metrics_log, "train", step, summary, t.steps)
-      if step % t.eval_every == 0 or step == t.steps:
+      if log_now:
+        summary = _host_metrics(window)
+        window = []
+        now = time.time()
+        steps_per_s = (step - last_step) / max(now - last_time - paused, 1e-9)
+        last_time, last_step, paused = now, step, 0.0
+        summary.update(lr=float(schedule(step - 1)), steps_per_s=steps_per_s,
+                       examples_per_s=steps_per_s * t.batch_size)
+        if "tokens" in summary:
+          summary["tokens_per_s"] = steps_per_s * summary.pop("tokens")
+        summary["truncated_sequences"] = truncated
+        if is_main:
+          _log(writer, metrics_log, "train", step, summary, t.steps)
+      if eval_now:
+        start = time.time()
         eval_summary = evaluate(config, state, mesh, eval_fn)
+        paused += time.time() - start
         if is_main:
           _log(writer, metrics_log, "eval", step, eval_summary, t.steps)
-      if step % t.checkpoint_every == 0 or step == t.steps or preemption.requested:
-        checkpoint.save(manager, step, state, train_iter, force=True)
-      if preemption.requested:
+      if save_now:
+        checkpoint.save(manager, step, state, force=True)
+      if preempted:
+        logging.warning("preempted: saved step %d; exiting so that the job can be requeued", step)
         break
   finally:
     manager.wait_until_finished()
     manager.close()
     preemption.restore()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
     if writer is not None:
       writer.close()
       metrics_log.close()
+  if preempted:
+    # No process leaves before every process's part of the checkpoint is committed.
+    partitioning.barrier("preempted_checkpoint_saved", timeout_s=600)
+    raise Preempted(step, directory)
   return state
 
 

@@ -52,3 +52,24 @@ def runlocal_config(corpus_cache):
     return override(config, **overrides)
 
   return make
+
+
+def assert_same_training_state(got, want, lr, steps, stats_tol=(1e-4, 1e-6)):
+  """Two runs' {"params", "batch_stats"} after `steps` optimizer steps agree up to float noise.
+
+  An Adam-family step moves a parameter by up to about lr whatever its gradient's size, and
+  float noise in a small gradient (a bias before a BatchNorm has none at all) can move it
+  either way. So: at most 0.1 % of all parameters may differ by more than lr / 10 (a tenth
+  of one step), none by more than 2 lr a step. Batch statistics agree to `stats_tol`
+  (rtol, atol).
+  """
+  import jax  # pylint: disable=import-outside-toplevel  (after the XLA flags above)
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rtol, atol = stats_tol
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=rtol, atol=atol), got["batch_stats"],
+               want["batch_stats"])
+  pairs = list(zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want["params"])))
+  assert pairs and jax.tree.structure(got["params"]) == jax.tree.structure(want["params"])
+  diffs = np.concatenate([np.abs(g - w).ravel() for g, w in pairs])
+  off = int(np.sum(diffs > 0.1 * lr))
+  assert off <= 1e-3 * diffs.size and diffs.max() <= 2 * lr * steps, (off, diffs.size, diffs.max(), lr)

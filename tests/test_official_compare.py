@@ -1,4 +1,4 @@
-"""Tests for hiermt.official_compare (the side-by-side timing against the official PyTorch code).
+"""Tests for hiermt.benchmark.official (the side-by-side timing against the official PyTorch code).
 
 The official side needs a checkout of the official repository and a Python with
 torch, which CI does not have: it is run by `python -m hiermt.benchmark
@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from hiermt import official_compare
+from hiermt.benchmark import official
 from hiermt.models import decoder as decoder_lib
 
 
-def official_param_count(layers, dim, vocab, feature_dim=official_compare.FEATURE_DIM):
+def official_param_count(layers, dim, vocab, feature_dim=official.FEATURE_DIM):
   """Parameters of the official EncDecPos, counted from its definition (models/enc_dec.py)."""
   hidden = decoder_lib.swiglu_hidden(dim)
   per_block = (4 * dim * dim  # self-attention: c_attn (3D) + c_proj
@@ -25,8 +25,8 @@ def official_param_count(layers, dim, vocab, feature_dim=official_compare.FEATUR
 
 def test_hiermt_side_trains_the_official_architecture():
   vocab = 300
-  report = official_compare.measure_hiermt("nano", vocab=vocab, batch=1, tokens=16, steps=1)
-  decoder = official_compare.hiermt_config("nano", 16).decoder
+  report = official.measure_hiermt("nano", vocab=vocab, batch=1, tokens=16, steps=1)
+  decoder = official.hiermt_config("nano", 16).decoder
   assert decoder.conditioning == "cross"
   assert report["params"] == official_param_count(decoder.num_layers, decoder.dim, vocab)
   assert report["remat"] is False
@@ -40,8 +40,8 @@ def test_hiermt_side_trains_the_official_architecture():
 
 def test_compare_rejects_bad_arguments(tmp_path):
   with pytest.raises(ValueError, match="models/enc_dec.py"):
-    official_compare.compare(tmp_path, size="nano", steps=1)
+    official.compare(tmp_path, size="nano", steps=1)
   with pytest.raises(ValueError, match="threads"):
-    official_compare.compare(tmp_path, threads=len(os.sched_getaffinity(0)) + 1)
+    official.compare(tmp_path, threads=len(os.sched_getaffinity(0)) + 1)
   with pytest.raises(ValueError, match="steps"):
-    official_compare.compare(tmp_path, steps=0)
+    official.compare(tmp_path, steps=0)

@@ -1,9 +1,19 @@
-"""data/pipeline.py: per-stage batches, determinism, process slicing, exact resume."""
+"""data/pipeline.py: per-stage batches, determinism, process slicing, exact resume, one-time
+preparation across processes."""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from hiermt import vocabulary
 from hiermt.data import pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _take(it, n):
@@ -77,3 +87,55 @@ def test_iterator_state_restores_exactly(runlocal_config, workers):
 def test_eval_stream_is_finite(runlocal_config):
   config = runlocal_config("encoder")
   assert len(list(pipeline.make_dataset(config, "validation", seed=1, num_batches=2))) == 2
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_stream_starts_at_any_batch_on_any_process_count(runlocal_config, process_count):
+  # A run resumed at step k starts at batch k: the same data whatever saved the checkpoint.
+  config = runlocal_config("velocity")
+  expected = _take(iter(pipeline.make_dataset(config, "train", seed=0, process_index=0, process_count=1)), 3)[2]
+  parts = [next(iter(pipeline.make_dataset(config, "train", seed=0, first_batch=2, process_index=p,
+                                           process_count=process_count))) for p in range(process_count)]
+  for key in expected:
+    np.testing.assert_array_equal(expected[key], np.concatenate([p[key] for p in parts]), err_msg=key)
+
+
+_PREPARE_SCRIPT = """
+import json, sys
+from hiermt import partitioning
+partitioning.initialize_distributed()
+import importlib.util, jax
+from hiermt.data import pipeline, prepare
+ran = []
+original = prepare.prepare
+prepare.prepare = lambda *a, **k: (ran.append(jax.process_index()), original(*a, **k))[1]
+spec = importlib.util.spec_from_file_location("base", "configs/base.py")
+base = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(base)
+config = base.get_config("onset_pitch,runlocal")
+config.data.cache_dir, config.data.data_dir, config.data.prepared_dir = sys.argv[1:4]
+store = pipeline.prepared_dir(config)
+print("REPORT", json.dumps(dict(process=jax.process_index(), prepared=len(ran), store=store)))
+"""
+
+
+def test_process_0_prepares_a_shared_data_dir_while_the_others_wait(runlocal_config, tmp_path):
+  """Two processes with separate caches (hence separate host locks, as on two hosts) and one shared
+  data_dir: process 0 prepares the store, process 1 waits and then finds it ready."""
+  data_dir = os.path.dirname(pipeline.prepared_dir(runlocal_config("onset_pitch")))  # the session's corpus
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i in range(2):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HIERMT_"))}
+    env.update(HIERMT_COORDINATOR=f"127.0.0.1:{port}", HIERMT_NUM_PROCESSES="2", HIERMT_PROCESS_ID=str(i),
+               JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    args = [sys.executable, "-c", _PREPARE_SCRIPT, str(tmp_path / f"cache{i}"), data_dir, str(tmp_path / "store")]
+    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+  reports = [json.loads(o.split("REPORT ", 1)[1].splitlines()[0]) for o in outs]
+  assert [r["prepared"] for r in reports] == [1, 0]
+  assert reports[0]["store"] == reports[1]["store"] == str(tmp_path / "store")

@@ -1,19 +1,30 @@
-"""train.py end to end on runlocal configs: 1 vs 8 devices, 2 processes, SIGKILL resume,
-SIGTERM save, encoder hand-over between stages, every LM stage, non-finite loss."""
+"""train.py end to end on runlocal configs: 1 vs 8 devices (losses, parameters, BatchNorm
+statistics), SIGKILL resume, preemption of 2 processes and elastic resume on 1 then 2
+processes (with Grain workers), encoder hand-over between stages, every LM stage,
+checks on resume, non-finite loss."""
+import copy
 import json
 import os
 import pathlib
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from conftest import assert_same_training_state
 from conftest import load_base_config
 from conftest import override
+from hiermt import checkpoint
+from hiermt import partitioning
 from hiermt import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -22,13 +33,25 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOSS_RTOL = 2e-4
 # The multi-process, kill and preemption tests train the onset stage on top of a
 # frozen encoder: the same code path as any stage, at a fraction of the CPU time.
-LM_FLAGS = ("--config.freeze_encoder=True", "--config.train.steps=4")
+# 128 tokens truncate some sequences, so that their count is checked too.
+LM_STEPS = 8
+LM_OVERRIDES = {"freeze_encoder": True, "train.steps": LM_STEPS, "data.max_tokens": 128}
+LM_FLAGS = tuple(f"--config.{k}={v}" for k, v in LM_OVERRIDES.items())
+
+
+def _rows(workdir, stage, split="train"):
+  path = pathlib.Path(workdir) / stage / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
 
 
 def _losses(workdir, stage, split="train"):
-  path = pathlib.Path(workdir) / stage / "metrics.jsonl"
-  rows = [json.loads(line) for line in path.read_text().splitlines()]
-  return {r["step"]: r["loss"] for r in rows if r["split"] == split}  # later rows win
+  return {r["step"]: r["loss"] for r in _rows(workdir, stage, split)}  # later rows win
+
+
+def _host(state):
+  return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
 
 def _assert_same_losses(got, want):
@@ -56,74 +79,135 @@ def _cli(workdir, arg, cache, *flags):
                           stderr=subprocess.STDOUT, text=True)
 
 
+# Evaluations every step, logs every other one: evals must not wait for a log or checkpoint step.
+ENCODER_OVERRIDES = {"train.steps": 3, "train.log_every": 2, "train.eval_every": 1, "train.checkpoint_every": 2}
+
+
+class _Process(subprocess.Popen):
+  """A `python -m hiermt.main` process whose output goes to a file (no pipe to fill up)."""
+
+  def __init__(self, args, env, log):
+    self.log = log
+    with open(log, "w") as f:
+      super().__init__(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+
+  def output(self):
+    return pathlib.Path(self.log).read_text()
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, cache, processes, *flags, devices_per_process=4):
+  """`processes` hiermt.main processes, as launch/local.sh starts them (one plain process for 1)."""
+  args = [sys.executable, "-m", "hiermt.main", *_cli_args(workdir, "onset_pitch,runlocal", cache, *flags)]
+  port, procs = _free_port(), []
+  for i in range(processes):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if processes > 1:
+      env.update(HIERMT_COORDINATOR=f"127.0.0.1:{port}", HIERMT_NUM_PROCESSES=str(processes),
+                 HIERMT_PROCESS_ID=str(i), XLA_FLAGS=env.get("XLA_FLAGS", "") +
+                 f" --xla_force_host_platform_device_count={devices_per_process}")
+    log = pathlib.Path(workdir) / f"process{i}-{time.monotonic_ns()}.log"
+    procs.append(_Process(args, env, log))
+  return procs
+
+
 @pytest.fixture(scope="module")
 def encoder_run(tmp_path_factory, corpus_cache):
   """The CRNN encoder stage (BatchNorm statistics over the global batch) on 8 devices."""
-  config = _config("encoder,runlocal", corpus_cache, **{"train.steps": 2})
+  config = _config("encoder,runlocal", corpus_cache, **ENCODER_OVERRIDES)
   workdir = tmp_path_factory.mktemp("encoder_run")
-  train.run(config, str(workdir))
-  return config, workdir, _losses(workdir, "encoder")
+  state = train.run(config, str(workdir))
+  return config, workdir, _losses(workdir, "encoder"), _host(state)
 
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory, corpus_cache, encoder_run):
   """onset_pitch on the frozen pretrained encoder, 8 devices, in this process."""
-  _, enc_workdir, _ = encoder_run
-  config = _config("onset_pitch,runlocal", corpus_cache,
-                   **{"freeze_encoder": True, "train.steps": 4, "init_from": str(enc_workdir / "encoder")})
+  enc_workdir = encoder_run[1]
+  config = _config("onset_pitch,runlocal", corpus_cache, **LM_OVERRIDES, init_from=str(enc_workdir / "encoder"))
   workdir = tmp_path_factory.mktemp("lm_run")
   train.run(config, str(workdir))
   return workdir, _losses(workdir, "onset_pitch")
 
 
 def test_encoder_run_logs_checkpoints_and_evaluates(encoder_run):
-  _, workdir, losses = encoder_run
-  assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
+  _, workdir, losses, _ = encoder_run
+  assert sorted(losses) == [2, 3] and all(np.isfinite(v) for v in losses.values())
   stage = pathlib.Path(workdir) / "encoder"
-  assert sorted(int(p.name) for p in (stage / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+  assert sorted(int(p.name) for p in (stage / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
   assert json.loads((stage / "config.json").read_text())["stage"] == "encoder"
   assert list((stage / "tensorboard").glob("events.out.tfevents.*"))
-  evals = [json.loads(l) for l in (stage / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
-  assert evals and 0.0 <= evals[-1]["frame_f1"] <= 1.0
+  evals = _rows(workdir, "encoder", "eval")
+  assert [r["step"] for r in evals] == [1, 2, 3]  # every eval_every, whatever log_every says
+  assert 0.0 <= evals[-1]["frame_f1"] <= 1.0
 
 
 def test_one_device_matches_eight(encoder_run, tmp_path):
-  config, _, want = encoder_run
-  train.run(config, str(tmp_path), devices=jax.devices()[:1])
+  config, _, want, want_state = encoder_run
+  state = train.run(config, str(tmp_path), devices=jax.devices()[:1])
   _assert_same_losses(_losses(tmp_path, "encoder"), want)
+  got = _host(state)
+  assert got["batch_stats"]  # the CRNN's BatchNorm statistics, over the global batch on either layout
+  assert_same_training_state(got, want_state, config.train.lr, ENCODER_OVERRIDES["train.steps"],
+                             stats_tol=(1e-3, 1e-5))
 
 
 def test_lm_stage_starts_from_the_encoder_checkpoint(encoder_run, lm_run, corpus_cache, tmp_path):
-  _, enc_workdir, _ = encoder_run
+  enc_workdir = encoder_run[1]
   lm_workdir, losses = lm_run
-  assert sorted(losses) == [1, 2, 3, 4]
-  from hiermt import checkpoint  # pylint: disable=import-outside-toplevel
+  assert sorted(losses) == list(range(1, LM_STEPS + 1))
   enc = checkpoint.load_encoder(str(enc_workdir / "encoder"))
   lm = checkpoint.load_encoder(str(lm_workdir / "onset_pitch"))
-  # Frozen: the LM stage's encoder is exactly the pretrained one, after 4 steps.
+  # Frozen: the LM stage's encoder is exactly the pretrained one, after its steps.
   jax.tree.map(np.testing.assert_array_equal, lm["params"], enc["params"])
   config = _config("velocity,runlocal", corpus_cache)
   with pytest.raises(FileNotFoundError, match="Pretrain the encoder first"):
     train.run(config, str(tmp_path))
 
 
-def test_two_processes_match_one(encoder_run, lm_run, tmp_path, corpus_cache):
-  _, enc_workdir, _ = encoder_run
-  _, want = lm_run
-  proc = subprocess.run(
-      ["bash", "launch/local.sh", "2", *_cli_args(tmp_path, "onset_pitch,runlocal", corpus_cache, *LM_FLAGS,
-                                                  f"--config.init_from={enc_workdir / 'encoder'}")],
-      cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable, PORT=str(20000 + os.getpid() % 10000)),
-      capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  _assert_same_losses(_losses(tmp_path, "onset_pitch"), want)
+def test_encoder_hand_over_reads_into_the_requested_shardings(encoder_run):
+  directory = str(encoder_run[1] / "encoder")
+  enc = checkpoint.load_encoder(directory)
+  mesh = partitioning.make_mesh(8)
+
+  def split(x):  # the first dimension over all 8 devices where it divides, else replicated
+    spec = P("fsdp") if x.ndim and x.shape[0] % 8 == 0 else P()
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+  like = {c: jax.tree.map(split, enc[c]) for c in ("params", "batch_stats")}
+  assert any(s.sharding.spec == P("fsdp") for s in jax.tree.leaves(like))
+  sharded = checkpoint.load_encoder(directory, like=like)
+  jax.tree.map(lambda x, want: (x.sharding == want.sharding) or pytest.fail(f"{x.sharding} != {want.sharding}"),
+               sharded, like)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(sharded), enc)
+  wrong = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[:-1] + (s.shape[-1] + 1,), s.dtype,
+                                                      sharding=NamedSharding(mesh, P())), like)
+  with pytest.raises(checkpoint.MismatchError, match="params/"):
+    checkpoint.load_encoder(directory, like=wrong)
+
+
+def test_resume_names_changed_fields_and_refuses_a_changed_model(encoder_run):
+  config, workdir, _, _ = encoder_run
+  directory = checkpoint.stage_dir(workdir, "encoder")
+  same_model = override(copy.deepcopy(config), **{"train.steps": 5, "train.lr": 1e-3})
+  state = train.compile_steps(same_model, jax.devices()[:1]).state
+  changed = checkpoint.check_resume(directory, 3, state, same_model)
+  assert changed == [f"train.lr: {config.train.lr!r} -> 0.001", "train.steps: 3 -> 5"]
+  wider = override(copy.deepcopy(config), **{"encoder.width": 0.125})
+  state = train.compile_steps(wider, jax.devices()[:1]).state
+  with pytest.raises(ValueError, match=r"(?s)params/encoder.*encoder\.width: 0\.0625 -> 0\.125"):
+    checkpoint.check_resume(directory, 3, state, wider)
 
 
 def test_sigkill_then_restart_reproduces_the_uninterrupted_run(encoder_run, lm_run, tmp_path, corpus_cache):
-  _, enc_workdir, _ = encoder_run
+  enc_workdir = encoder_run[1]
   _, want = lm_run
   flags = (*LM_FLAGS, f"--config.init_from={enc_workdir / 'encoder'}")
-  proc = _cli(tmp_path, "onset_pitch,runlocal", corpus_cache, *flags)
+  (proc,) = _launch(tmp_path, corpus_cache, 1, *flags)
   ckpt = tmp_path / "onset_pitch" / "checkpoints" / "2"
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
@@ -132,38 +216,83 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_run(encoder_run, lm_r
     time.sleep(0.1)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert ckpt.exists(), proc.stdout.read()[-3000:]
-  restarted = _cli(tmp_path, "onset_pitch,runlocal", corpus_cache, *flags)
-  out, _ = restarted.communicate(timeout=600)
-  assert restarted.returncode == 0, out[-3000:]
+  assert ckpt.exists(), proc.output()[-3000:]
+  (restarted,) = _launch(tmp_path, corpus_cache, 1, *flags)
+  assert restarted.wait(timeout=600) == 0, restarted.output()[-3000:]
+  out = restarted.output()
   assert "from step 2" in out  # resumed from the checkpoint, not from a finished run
   assert "host allocator: tcmalloc" in out  # main re-ran itself under tcmalloc (same pid, so SIGKILL hit it)
   _assert_same_losses(_losses(tmp_path, "onset_pitch"), want)
 
 
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, corpus_cache):
-  proc = _cli(tmp_path, "onset_pitch,runlocal", corpus_cache, "--config.init_from=none",
-              "--config.freeze_encoder=True", "--config.train.steps=100000",
-              "--config.train.checkpoint_every=100000", "--config.train.eval_every=100000")
-  metrics = tmp_path / "onset_pitch" / "metrics.jsonl"
-  deadline = time.time() + 300
-  while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
-    time.sleep(0.1)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
-  saved = [int(p.name) for p in (tmp_path / "onset_pitch" / "checkpoints").iterdir() if p.name.isdigit()]
-  assert saved and max(saved) < 100000, out[-3000:]
+def _wait_for_step(workdir, step, procs, timeout=600):
+  """Waits until metrics.jsonl logs a step > `step` (or a process exits)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if any(s > step for s in _losses(workdir, "onset_pitch")):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"no step after {step} logged:\n" + "\n".join(p.output()[-3000:] for p in procs))
+
+
+def _saved_step(out):
+  steps = set(re.findall(r"every process saved step (\d+)", out))
+  assert len(steps) == 1, out[-3000:]
+  return int(steps.pop())
+
+
+def test_preempted_processes_save_one_step_and_resume_on_one_then_two(encoder_run, lm_run, tmp_path, corpus_cache):
+  """SIGTERM to one of two processes: both save the same step and exit 75. The run resumes on one
+  process with a Grain worker (2 -> 1 processes), is preempted again, and finishes on two (1 -> 2):
+  the whole loss curve and the truncation counts are the uninterrupted 8-device run's."""
+  enc_workdir = encoder_run[1]
+  lm_workdir, want = lm_run
+  flags = (*LM_FLAGS, f"--config.init_from={enc_workdir / 'encoder'}")
+
+  pair = _launch(tmp_path, corpus_cache, 2, *flags)
+  _wait_for_step(tmp_path, 0, pair)
+  pair[1].send_signal(signal.SIGTERM)  # only the second process gets the signal
+  codes = [p.wait(timeout=600) for p in pair]
+  outs = [p.output() for p in pair]
+  assert codes == [train.PREEMPTED_EXIT_CODE] * 2, "\n".join(o[-3000:] for o in outs)
+  first = _saved_step(outs[0])
+  assert _saved_step(outs[1]) == first and first < LM_STEPS - 2, first
+  assert checkpoint.has_checkpoint(str(tmp_path / "onset_pitch"))
+  assert ocp.CheckpointManager(tmp_path / "onset_pitch" / "checkpoints").latest_step() == first
+  # Each process loads half of every batch; the logged truncations count both halves.
+  got_rows = {r["step"]: r for r in _rows(tmp_path, "onset_pitch")}
+  want_rows = {r["step"]: r for r in _rows(lm_workdir, "onset_pitch")}
+  assert want_rows[LM_STEPS]["truncated_sequences"] > 0
+  assert [got_rows[s]["truncated_sequences"] for s in range(1, first + 1)] == \
+         [want_rows[s]["truncated_sequences"] for s in range(1, first + 1)]
+
+  (single,) = _launch(tmp_path, corpus_cache, 1, *flags, "--config.data.worker_count=1")
+  _wait_for_step(tmp_path, first, [single])
+  single.send_signal(signal.SIGTERM)
+  assert single.wait(timeout=600) == train.PREEMPTED_EXIT_CODE, single.output()[-3000:]
+  assert f"from step {first}" in single.output()
+  second = _saved_step(single.output())
+  assert first < second < LM_STEPS, (first, second)
+
+  pair = _launch(tmp_path, corpus_cache, 2, *flags)
+  codes = [p.wait(timeout=600) for p in pair]
+  assert codes == [0, 0], "\n".join(p.output()[-3000:] for p in pair)
+  assert f"from step {second}" in pair[0].output()
+  _assert_same_losses(_losses(tmp_path, "onset_pitch"), want)
 
 
 @pytest.mark.parametrize("stage", ["velocity", "offset", "flatten"])
 def test_every_lm_stage_trains(lm_run, corpus_cache, tmp_path, stage):
   # Same model and mesh as lm_run: the compiled step is reused; only the data differ.
-  config = _config(f"{stage},runlocal", corpus_cache, **{"freeze_encoder": True, "init_from": "none",
-                                                          "train.steps": 2})
+  # runlocal's default batch of 2 (the README's commands) rounds up to the 8 devices: the same
+  # shapes as lm_run's batch of 8.
+  config = _config(f"{stage},runlocal", corpus_cache, **{**LM_OVERRIDES, "init_from": "none", "train.steps": 2,
+                                                          "train.batch_size": 2})
   state = train.run(config, str(tmp_path))
   losses = _losses(tmp_path, stage)
   assert int(state.step) == 2 and sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
+  assert json.loads((tmp_path / stage / "config.json").read_text())["train"]["batch_size"] == 8
+  assert config.train.batch_size == 2  # the caller's config is left alone
 
 
 def test_non_finite_loss_stops_with_a_clear_message(runlocal_config, tmp_path):
@@ -177,3 +306,39 @@ def test_cli_rejects_unknown_override(tmp_path, corpus_cache):
   proc = _cli(tmp_path, "encoder,runlocal", corpus_cache, "--config.train.stepz=3")
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0 and "stepz" in out
+
+
+# Runs in a process with 32 forced CPU devices: the README's first command (encoder,runlocal, whose
+# batch of 2 rounds up to the device count) on 1, 16 and 32 of them, one step each (8 devices:
+# test_every_lm_stage_trains). 1 s crops instead of 10 s keep 32 rows cheap on a CPU; the
+# device-count logic does not depend on the crop length.
+_DEVICE_COUNTS_SCRIPT = """
+import importlib.util, json, sys
+import jax
+from hiermt import train
+spec = importlib.util.spec_from_file_location("base", "configs/base.py")
+base = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(base)
+cache, workdir = sys.argv[1:3]
+for n in (1, 16, 32):
+  config = base.get_config("encoder,runlocal")
+  config.data.cache_dir = cache
+  config.data.segment_seconds = 1.0
+  config.train.steps = 1
+  config.train.eval_batches = 0
+  state = train.run(config, f"{workdir}/{n}", devices=jax.devices()[:n])
+  rows = [json.loads(l) for l in open(f"{workdir}/{n}/encoder/metrics.jsonl")]
+  batch = json.load(open(f"{workdir}/{n}/encoder/config.json"))["train"]["batch_size"]
+  print("RESULT", json.dumps(dict(devices=n, step=int(state.step), batch=batch, loss=rows[-1]["loss"])))
+"""
+
+
+def test_readme_command_runs_on_1_16_and_32_devices(tmp_path, corpus_cache):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=32 --xla_backend_optimization_level=0")
+  proc = subprocess.run([sys.executable, "-c", _DEVICE_COUNTS_SCRIPT, str(corpus_cache), str(tmp_path)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+  assert {r["devices"]: r["batch"] for r in results} == {1: 2, 16: 16, 32: 32}  # rounded up to the device count
+  assert all(r["step"] == 1 and np.isfinite(r["loss"]) for r in results)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from hiermt import benchmark
+from hiermt.benchmark import cli
+from hiermt.benchmark import params
 from hiermt import vocabulary
 from hiermt.models import transcriber
 
@@ -141,7 +142,7 @@ def _run_benchmark(what):
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   with flagsaver.flagsaver(what=what):
-    benchmark.main([])
+    cli.main([])
 
 
 def test_benchmark_params_reports_counts_and_flops(capsys):
@@ -161,7 +162,7 @@ def test_benchmark_params_reports_counts_and_flops(capsys):
     assert report["flops"]["encoder"][name] > 0
     assert flops["tiny"] < flops["small"] < flops["base"] < flops["large"]
     # Forward matmuls cost about 2 x parameters per position, plus attention.
-    positions = report["encoder_features"][name]["frames"] + benchmark.FLOPS_TOKENS
+    positions = report["encoder_features"][name]["frames"] + params.FLOPS_TOKENS
     assert flops["base"] > 0.9 * 2 * report["decoder"]["prefix"]["base"] * positions
 
 

@@ -3,7 +3,8 @@
 Batch `k` of a run is made of the global example indices [k*B, (k+1)*B); each
 process builds only its contiguous slice of that range. Example `i` is a pure
 function of (seed, i) — which piece, where the crop starts — so the data order
-is the same on 1 or N processes, with any worker count, and after a restore.
+is the same on 1 or N processes, with any worker count, and after a restore: a
+run resumed at step k starts the stream at batch k (`first_batch`).
 
 The loader ships int16 audio: features are computed on the accelerator.
 """
@@ -11,6 +12,7 @@ The loader ships int16 audio: features are computed on the accelerator.
 import dataclasses
 import fcntl
 import os
+import signal
 
 from absl import flags
 from absl import logging
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 
 from hiermt import objectives
+from hiermt import partitioning
 from hiermt import vocabulary
 from hiermt.data import prepare
 from hiermt.data import synth
@@ -29,13 +32,8 @@ from hiermt.models import hppnet
 ENCODER_FPS = {"crnn": crnn.CRNN.FRAMES_PER_SECOND, "hppnet": hppnet.HPPNet.FRAMES_PER_SECOND}
 
 
-def prepared_dir(config):
-  """The prepared store of the configured corpus, building what is missing first.
-
-  With `data.data_dir` empty, a corpus of `data.generated_minutes` is generated into
-  `data.cache_dir` on first use. Generation and preparation run under a file lock, so
-  processes started together on one host do the work once.
-  """
+def _prepare_here(config):
+  """Generates (when no data_dir is set) and prepares the corpus unless done, under a per-host file lock."""
   cache = os.path.expanduser(config.data.cache_dir)
   os.makedirs(cache, exist_ok=True)
   data_dir = os.path.expanduser(config.data.data_dir) or os.path.join(
@@ -48,6 +46,40 @@ def prepared_dir(config):
       synth.build_corpus(data_dir, minutes=config.data.generated_minutes, seed=config.seed, cache_dir=cache)
     return prepare.ensure_prepared(data_dir, config.data.prepared_dir, workers=config.data.worker_count,
                                    sample_rate=config.data.sample_rate)
+
+
+_PREPARED = {}  # multi-process runs: the store of each corpus, found once per process
+
+
+def prepared_dir(config):
+  """The prepared store of the configured corpus, building what is missing first.
+
+  With `data.data_dir` empty, a corpus of `data.generated_minutes` is generated into
+  `data.cache_dir` on first use. In a multi-process run process 0 generates and
+  prepares while the others wait at a barrier (so a data_dir shared by all hosts is
+  prepared once, not by every host at the same time); then every process checks
+  the store and, if it does not see it (a node-local data_dir), prepares its own
+  copy. A per-host file lock makes processes of one host (or independent runs
+  sharing a cache) do the work once. Every process must call this the same number
+  of times (make_dataset does, symmetrically).
+  """
+  if jax.process_count() == 1:
+    return _prepare_here(config)
+  d = config.data
+  key = (d.cache_dir, d.data_dir, d.prepared_dir, d.generated_minutes, d.sample_rate, config.seed)
+  if key not in _PREPARED:
+    if jax.process_index() == 0:
+      _prepare_here(config)
+    partitioning.barrier("data_prepared")
+    _PREPARED[key] = _prepare_here(config)  # a quick check where process 0's store is visible
+  return _PREPARED[key]
+
+
+def _ignore_sigterm(worker_index, worker_count):
+  """Grain workers leave SIGTERM to the trainer (a scheduler may signal the whole process
+  group): the trainer still needs batches until the step at which all processes save."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclasses.dataclass
@@ -113,7 +145,8 @@ class BatchBuilder:
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
-def make_dataset(config, split, *, seed, num_batches=None, process_index=None, process_count=None):
+def make_dataset(config, split, *, seed, num_batches=None, first_batch=0, process_index=None,
+                 process_count=None):
   """A Grain IterDataset of per-process batches.
 
   Args:
@@ -121,9 +154,11 @@ def make_dataset(config, split, *, seed, num_batches=None, process_index=None, p
     split: MAESTRO split to crop from.
     seed: crop seed (training uses config.seed; evaluation a fixed other seed).
     num_batches: finite length (evaluation), or None for an endless stream.
+    first_batch: index of the first global batch: a run resumed at step k
+      continues with batch k, whatever the process, device or worker count.
     process_index, process_count: default to this JAX process.
   Returns:
-    A `grain.IterDataset`; its iterator has `get_state`/`set_state` for exact resume.
+    A `grain.IterDataset`; its iterator also has `get_state`/`set_state`.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -142,10 +177,11 @@ def make_dataset(config, split, *, seed, num_batches=None, process_index=None, p
   # One reader thread a process (or worker) and a short read-ahead: Grain's default
   # read-ahead of hundreds of elements would hold gigabytes of whole batches.
   read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.data.prefetch_batches)
-  ds = grain.MapDataset.range(length).map(builder).to_iter_dataset(read)
+  ds = grain.MapDataset.range(first_batch, first_batch + length).map(builder).to_iter_dataset(read)
   if config.data.worker_count > 0:
     # Grain's workers read its absl flags; outside an absl app (tests, notebooks) use defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count),
+                        worker_init_fn=_ignore_sigterm)
   return ds

@@ -1,24 +1,40 @@
-"""Training-step time of hiermt's decoder next to the official PyTorch code, in one run.
+"""`--what=vs_official` and the official side of `--what=decode`: the official PyTorch code, timed.
 
 The official code (github.com/LiDCC/Improving-piano-transcription-by-LLM-based-decoder)
-is never part of hiermt: `compare` loads its `models/enc_dec.py` (the
+is never part of hiermt: this module loads its `models/enc_dec.py` (the
 cross-attention decoder `EncDecPos`) and `data/tokenizers.py` by path from a
 checkout the user supplies, and runs it under a Python that has PyTorch (the
 PyTorch wheel on hand may not match hiermt's Python, so `torch_python` can name
 another interpreter, e.g. `python3.11 -m venv /tmp/torchvenv` with torch (a CPU
 build) and numpy installed).
 
-Both sides train the same model on the same shapes: the paper size's
-layers/heads/dim, the official vocabulary (6504 ids, read from the checkout),
-random precomputed CRNN features `[batch, 1001, 1536]` (a 10 s segment at
-100 fps; no encoder on either side), `batch` x `tokens` random token ids, next-
-token cross-entropy, and AdamW (lr 1e-4, weight decay 0.01, no clipping) in
-float32. One step is forward + backward + optimiser update; each side runs one
-warm-up step, timed on its own (for hiermt it includes compilation), then
-`steps` timed ones summarised by their median. Each side runs in its own fresh
-process, one after the other, pinned to the same `threads` CPUs, so the peak RSS
-is that side's alone. Both processes inherit this one's environment, so e.g. an
-LD_PRELOAD'ed allocator or XLA_FLAGS apply to both (XLA_FLAGS only matters to hiermt).
+Training step (`compare`, `--what=vs_official`). Both sides train the same
+model on the same shapes: the paper size's layers/heads/dim, the official
+vocabulary (6504 ids, read from the checkout), random precomputed CRNN features
+`[batch, 1001, 1536]` (a 10 s segment at 100 fps; no encoder on either side),
+`batch` x `tokens` random token ids, next-token cross-entropy, and AdamW (lr
+1e-4, weight decay 0.01, no clipping) in float32. One step is forward +
+backward + optimiser update; each side runs one warm-up step, timed on its own
+(for hiermt it includes compilation), then `steps` timed ones summarised by
+their median. Each side runs in its own fresh process, one after the other,
+pinned to the same `threads` CPUs, so the peak RSS is that side's alone. Both
+processes inherit this one's environment, so e.g. an LD_PRELOAD'ed allocator
+or XLA_FLAGS apply to both (XLA_FLAGS only matters to hiermt).
+
+Decoding (`decode_official`, the official side of `--what=decode`): the
+official inference scripts' generation loops, run with `EncDecPos` at random
+weights, as they are written (inference_llama_mt_{on,vel,off}_{crnn,hpp}.py,
+inference_flatten_{crnn,hpp}.py):
+  onset_pitch  `generate_in_batch` on 15 segments at once (a 150 s clip, the
+               last one zero-padded), each new token a full forward pass of the
+               whole sequence, until every row wrote `<eos>`;
+  velocity,    one segment at a time; per note, its `time pitch` tokens are
+  offset       appended and `generate_in_batch(max_new_tokens=1)` re-runs the
+               whole sequence for the answer (one forward pass per note);
+  flatten      `generate_in_batch` on one segment at a time.
+Untrained weights never write `<eos>` on cue, so free stages are given
+`end_token=-1` (no row ever ends) and `max_new_tokens` = the token count under
+test: the same loop, a chosen length.
 
 This file is also the worker both processes run, so its top level imports only
 the standard library: the official side's interpreter has neither jax nor hiermt.
@@ -47,8 +63,17 @@ FRAMES = 1001
 FEATURE_DIM = 1536
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.01  # PyTorch AdamW's default, which the official code keeps
-SIDES = ("official", "hiermt")
-_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SIDES = ("official", "hiermt", "official_decode")
+# Decoding (the official inference scripts): segments stage 1 decodes at once,
+# and `max_token_len` per encoder and stage (the model's block_size is one more).
+ONSET_BATCH = 15
+MAX_TOKENS = {"crnn": {"onset_pitch": 1024, "velocity": 1024, "offset": 1024, "flatten": 2000},
+              "hppnet": {"onset_pitch": 1024, "velocity": 2000, "offset": 2000, "flatten": 1024}}
+TASKS = {"onset_pitch": "task=onset", "velocity": "task=velocity", "offset": "task=offset", "flatten": "task=flatten"}
+# Tokens one note adds to a stage's sequence; the free stages write them all.
+TOKENS_PER_NOTE = {"onset_pitch": 2, "velocity": 3, "offset": 3, "flatten": 4}
+FREE_STAGES = ("onset_pitch", "flatten")
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 _TORCH_HINT = ("python3.11 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install numpy torch "
                "--extra-index-url https://download.pytorch.org/whl/cpu, "
                "then pass torch_python=/tmp/torchvenv/bin/python")
@@ -74,6 +99,22 @@ def official_vocab_size(official_repo) -> int:
   """Size of the official token vocabulary (`data/tokenizers.py: Tokenizer`, 6504 at their HEAD)."""
   tokenizers = _load_by_path(_official_file(official_repo, OFFICIAL_TOKENIZER), "official_tokenizers")
   return int(tokenizers.Tokenizer().vocab_size)
+
+
+def _torch_python(torch_python) -> str:
+  """`torch_python` (None: this interpreter), checked to import torch and numpy."""
+  torch_python = str(torch_python or sys.executable)
+  probe = subprocess.run([torch_python, "-c", "import torch, numpy"], capture_output=True, text=True, check=False)
+  if probe.returncode != 0:
+    raise RuntimeError(f"{torch_python} cannot import torch and numpy for the official side; for example: "
+                       f"{_TORCH_HINT}\n{probe.stderr[-1000:]}")
+  return torch_python
+
+
+def _check_threads(threads: int) -> None:
+  cpus = len(os.sched_getaffinity(0))
+  if threads > cpus:
+    raise ValueError(f"threads={threads} but this process may use only {cpus} CPUs; pass threads<={cpus}")
 
 
 def _peak_rss_gib() -> float:
@@ -186,7 +227,7 @@ def measure_hiermt(size: str, vocab: int, batch: int, tokens: int, steps: int) -
   """Times hiermt's decoder training step (jitted value_and_grad + optax AdamW update) in this process.
 
   The decoder comes from `transcriber.build_decoder(hiermt_config(...))` with
-  the vocabulary swapped for `vocab`, the loss is `train.token_loss` and the
+  the vocabulary swapped for `vocab`, the loss is `objectives.token_loss` and the
   optimiser `train.make_optimizer`, i.e. the pieces hiermt trains with.
 
   Returns:
@@ -200,6 +241,7 @@ def measure_hiermt(size: str, vocab: int, batch: int, tokens: int, steps: int) -
   import jax.numpy as jnp
   import optax
   from hiermt import flops
+  from hiermt import objectives
   from hiermt import train
   from hiermt.models import decoder as decoder_lib
   from hiermt.models import transcriber
@@ -215,7 +257,7 @@ def measure_hiermt(size: str, vocab: int, batch: int, tokens: int, steps: int) -
 
   def loss_fn(p, tokens, features, loss_mask):
     logits = decoder.apply({"params": p}, tokens, features)  # [batch, tokens, vocab]
-    return train.token_loss(logits, {"tokens": tokens, "loss_mask": loss_mask})[0]
+    return objectives.token_loss(logits, {"tokens": tokens, "loss_mask": loss_mask})[0]
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def update(params, opt_state, tokens, features, loss_mask):
@@ -283,16 +325,10 @@ def compare(official_repo, size: str = "tiny", batch: int = 5, tokens: int = 102
   """
   if min(batch, tokens, steps, threads) < 1:
     raise ValueError(f"batch, tokens, steps and threads must be >= 1, got {batch}, {tokens}, {steps}, {threads}")
-  cpus = len(os.sched_getaffinity(0))
-  if threads > cpus:
-    raise ValueError(f"threads={threads} but this process may use only {cpus} CPUs; pass threads<={cpus}")
+  _check_threads(threads)
   _official_file(official_repo, OFFICIAL_DECODER)
   layers, heads, dim = _size(size)
-  torch_python = str(torch_python or sys.executable)
-  probe = subprocess.run([torch_python, "-c", "import torch, numpy"], capture_output=True, text=True, check=False)
-  if probe.returncode != 0:
-    raise RuntimeError(f"{torch_python} cannot import torch and numpy for the official side; for example: "
-                       f"{_TORCH_HINT}\n{probe.stderr[-1000:]}")
+  torch_python = _torch_python(torch_python)
   vocab = official_vocab_size(official_repo)
   spec = {"official_repo": str(pathlib.Path(official_repo).expanduser().resolve()), "size": size, "layers": layers,
           "heads": heads, "dim": dim, "vocab": vocab, "batch": batch, "tokens": tokens, "steps": steps,
@@ -320,6 +356,110 @@ def compare(official_repo, size: str = "tiny", batch: int = 5, tokens: int = 102
   }
 
 
+def measure_official_decode(official_repo, layers: int, heads: int, dim: int, encoder: str, frames: int,
+                            feature_dim: int, onsets: list, pitches: list, stages: list) -> dict:
+  """Times the official generation loop of each stage on one call's worth of work, in this process (needs torch).
+
+  Args:
+    official_repo: checkout of the official repository.
+    layers, heads, dim: decoder size (EncDecPos, cross-attention).
+    encoder: "crnn" or "hppnet", which picks the scripts' `max_token_len`.
+    frames, feature_dim: encoder features of one 10 s segment (random here).
+    onsets, pitches: the notes of one segment (10 ms steps, MIDI pitches): the
+      forced stages' `time pitch` tokens, and their count sets the free
+      stages' lengths (2 or 4 tokens per note).
+    stages: the stages to time.
+
+  Returns:
+    {stage: {seconds, segments_per_call, forward_passes, tokens_written,
+    batch, block_size}} plus `vocab`, `params`, `torch`, `num_threads`.
+    One call is one `generate_in_batch` over 15 segments for onset_pitch and
+    one segment for the others; each stage's model first runs one warm-up
+    forward pass (the scripts build their RoPE and mask caches once per
+    model), which is not timed.
+  """
+  import numpy as np
+  import torch
+
+  torch.manual_seed(0)
+  enc_dec = _load_by_path(_official_file(official_repo, OFFICIAL_DECODER), "official_enc_dec")
+  tokenizers = _load_by_path(_official_file(official_repo, OFFICIAL_TOKENIZER), "official_tokenizers")
+  tokenizer = tokenizers.Tokenizer()
+  vocab = int(tokenizer.vocab_size)
+  notes = len(onsets)
+  report = {"vocab": vocab, "torch": torch.__version__, "num_threads": torch.get_num_threads(), "params": {}}
+  for stage in stages:
+    max_tokens = MAX_TOKENS[encoder][stage]
+    config = enc_dec.EncDecConfig(block_size=max_tokens + 1, vocab_size=vocab, padded_vocab_size=vocab,
+                                  n_layer=layers, n_head=heads, n_embd=dim, audio_n_embd=feature_dim)
+    model = enc_dec.EncDecPos(config).eval()
+    report["params"][stage] = sum(p.numel() for p in model.parameters())
+    prompt = tokenizer.strings_to_tokens(["<sos>", TASKS[stage]])
+    batch = ONSET_BATCH if stage == "onset_pitch" else 1
+    audio_emb = torch.randn(batch, frames, feature_dim)  # [batch, frames, feature_dim]
+    idx = torch.LongTensor(np.repeat(np.array(prompt)[None, :], batch, axis=0))  # [batch, 2]
+    with torch.no_grad():
+      model(audio_emb, idx)  # warm-up
+    length = len(prompt) + TOKENS_PER_NOTE[stage] * notes  # the longest sequence written
+    if length > max_tokens + 1:
+      raise ValueError(f"{notes} notes make {length} {stage} tokens; the official block holds {max_tokens + 1}")
+    if stage in FREE_STAGES:
+      new_tokens = TOKENS_PER_NOTE[stage] * notes
+      start = time.perf_counter()
+      with torch.no_grad():
+        out = model.generate_in_batch(audio_emb=audio_emb, idx=idx, max_new_tokens=new_tokens, end_token=-1)
+      seconds = time.perf_counter() - start
+      written, passes = out.shape[1] - 1, new_tokens
+    else:
+      eos = tokenizer.stoi("<eos>")
+      tokens = list(prompt)
+      start = time.perf_counter()
+      for onset, pitch in zip(onsets, pitches):
+        tokens += [tokenizer.stoi("time={:.2f}".format(onset / 100)), tokenizer.stoi(f"pitch={pitch}")]
+        with torch.no_grad():
+          model.eval()
+          pred = model.generate_in_batch(audio_emb=audio_emb, idx=torch.LongTensor(np.array(tokens)[None, :]),
+                                         max_new_tokens=1, end_token=eos).data.cpu().numpy()
+        tokens = tokens + [int(pred[0][-1])]
+      seconds = time.perf_counter() - start
+      written, passes = notes, notes
+    report[stage] = {"seconds": round(seconds, 3), "segments_per_call": batch, "batch": batch,
+                     "forward_passes": passes, "tokens_written_per_segment": written,
+                     "block_size": max_tokens + 1}
+  report["peak_rss_gib"] = _peak_rss_gib()
+  return report
+
+
+def decode_official(official_repo, size: str, encoder: str, frames: int, feature_dim: int, onsets, pitches,
+                    stages, torch_python=None, threads: int = 2) -> dict:
+  """The official generation loops timed in a fresh `torch_python` process pinned to `threads` CPUs.
+
+  Args:
+    official_repo: path to a checkout of the official repository.
+    size: configs/base.py DECODER_SIZES name.
+    encoder, frames, feature_dim: whose features condition the decoder (random values).
+    onsets, pitches: one segment's notes (ints: 10 ms steps, MIDI pitches).
+    stages: stages to time.
+    torch_python: Python with torch and numpy (None: this interpreter).
+    threads: CPUs the process is pinned to (and torch's thread count).
+
+  Returns:
+    `measure_official_decode`'s report plus the 1-minute load average before and after.
+  """
+  _check_threads(threads)
+  _official_file(official_repo, OFFICIAL_DECODER)
+  layers, heads, dim = _size(size)
+  spec = {"official_repo": str(pathlib.Path(official_repo).expanduser().resolve()), "layers": layers,
+          "heads": heads, "dim": dim, "encoder": encoder, "frames": frames, "feature_dim": feature_dim,
+          "onsets": [int(t) for t in onsets], "pitches": [int(p) for p in pitches], "stages": list(stages),
+          "threads": threads}
+  load_before = os.getloadavg()[0]
+  report = _run_side(_torch_python(torch_python), "official_decode", spec)
+  report["load_average_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
+  report["threads"] = threads
+  return report
+
+
 def _worker(side: str, spec: dict) -> dict:
   """One side's measurement, pinned to `spec['threads']` CPUs before any framework starts its thread pools."""
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:spec["threads"]])
@@ -329,17 +469,24 @@ def _worker(side: str, spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     return measure_official(spec["official_repo"], spec["layers"], spec["heads"], spec["dim"], spec["vocab"],
                             spec["batch"], spec["tokens"], spec["steps"])
+  if side == "official_decode":
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    return measure_official_decode(spec["official_repo"], spec["layers"], spec["heads"], spec["dim"],
+                                   spec["encoder"], spec["frames"], spec["feature_dim"], spec["onsets"],
+                                   spec["pitches"], spec["stages"])
   sys.path.insert(0, str(_REPO_ROOT))  # hiermt and configs/ from this checkout
   return measure_hiermt(spec["size"], spec["vocab"], spec["batch"], spec["tokens"], spec["steps"])
 
 
 if __name__ == "__main__":
-  # Run as a script: drop the hiermt/ folder Python put first on sys.path, so
-  # its modules (train, audio, ...) cannot shadow anything torch imports.
+  # Run as a script: drop the hiermt/benchmark/ folder Python put first on
+  # sys.path, so its modules (train, decode, ...) cannot shadow anything torch imports.
   if sys.path and pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
     del sys.path[0]
   if len(sys.argv) != 4 or sys.argv[1] not in SIDES:
     sys.exit(f"usage: python {__file__} {{{'|'.join(SIDES)}}} SPEC_JSON OUT_JSON "
-             "(internal worker; call official_compare.compare instead)")
+             "(internal worker; call compare or decode_official instead)")
   report = _worker(sys.argv[1], json.loads(sys.argv[2]))
   pathlib.Path(sys.argv[3]).write_text(json.dumps(report))

@@ -1,0 +1,131 @@
+"""train_step's math on fixed batches: exact gradient accumulation, and the same updates
+(losses, parameters, BatchNorm statistics) on every device layout and model variant."""
+import functools
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import assert_same_training_state
+from conftest import load_base_config
+from conftest import override
+from hiermt import partitioning
+from hiermt import train
+from hiermt.data import pipeline
+
+LOSS_RTOL = 2e-4
+
+
+def _config(arg, cache, **overrides):
+  # 2 s crops and 64 tokens: the math under test does not depend on the lengths, the CPU time does.
+  config = load_base_config().get_config(arg + ",runlocal")
+  config.data.cache_dir = str(cache)
+  return override(config, **{"init_from": "none", "train.batch_size": 8, "data.segment_seconds": 2.0,
+                             "data.max_tokens": 64, **overrides})
+
+
+def _batches(config, n):
+  it = iter(pipeline.make_dataset(config, "train", seed=0))
+  return [next(it) for _ in range(n)]
+
+
+def _train(c, batches):
+  """Losses and gradient norms of `len(batches)` train steps of `c` (train.Compiled), and the
+  initial and final {"params", "batch_stats"} on the host."""
+  state, losses, norms = c.state, [], []
+  initial = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  for batch in batches:
+    state, metrics = c.train_fn(state, partitioning.global_batch(c.mesh, batch), c.step_rng)
+    losses.append(float(metrics["loss"]))
+    norms.append(float(metrics["grad_norm"]))
+  return losses, norms, initial, jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
+
+def test_gradient_accumulation_is_exact_and_keeps_micro_batches_on_all_devices(corpus_cache):
+  # Frozen encoder: no dropout, no batch statistics, so the split can only change the math
+  # through the loss normalisation, which is what this pins.
+  config = _config("onset_pitch", corpus_cache, **{"freeze_encoder": True, "train.batch_size": 16})
+  (batch,) = _batches(config, 1)
+  batch.pop("truncated")
+  tokens = batch["loss_mask"][:, 1:].sum(1)
+  micro_tokens = [tokens[i::4].sum() for i in range(4)]
+  assert len(set(micro_tokens)) == 4, micro_tokens  # uneven micro-batches, or the test proves nothing
+  c = train.compile_steps(config, jax.devices()[:4])  # 4 rows a device: accum 1, 2 and 4 fit
+  global_batch = partitioning.global_batch(c.mesh, batch)
+  results = {}
+  for accum in (1, 2, 4):
+    fn = jax.jit(functools.partial(train.accumulate_gradients, functools.partial(train._micro_loss, c.model, config),
+                                   accum=accum, mesh=c.mesh))
+    compiled = fn.lower(c.state.params, c.state.batch_stats, global_batch, c.step_rng).compile()
+    if accum > 1:
+      # Each micro-batch takes rows from every device: no gathering of the batch (params are replicated).
+      assert not re.search(r"all-gather|all-to-all|collective-permute", compiled.as_text())
+    loss, grads, metrics, _ = compiled(c.state.params, c.state.batch_stats, global_batch, c.step_rng)
+    results[accum] = jax.device_get((loss, grads, metrics))
+  loss1, grads1, metrics1 = results[1]
+  assert metrics1["tokens"] == tokens.sum()
+  for accum in (2, 4):
+    loss, grads, metrics = results[accum]
+    np.testing.assert_allclose(loss, loss1, rtol=1e-5)
+    assert metrics["tokens"] == tokens.sum()  # summed over micro-batches, not averaged
+    np.testing.assert_allclose(metrics["accuracy"], metrics1["accuracy"], rtol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7), grads, grads1)
+
+
+@pytest.mark.parametrize("arg,overrides,layouts", [
+    # The paper's default: the encoder fine-tunes with the decoder (BatchNorm in train mode, dropout).
+    ("onset_pitch", {"freeze_encoder": False, "train.batch_size": 2}, ("one_device", "two_devices")),
+    ("onset_pitch,encoder=hppnet", {"freeze_encoder": False, "train.batch_size": 2}, ("one_device", "two_devices")),
+    # Parameters and optimizer state split over 8 devices (cross conditioning: the most parameters).
+    ("onset_pitch,conditioning=cross", {"freeze_encoder": True}, ("fsdp1", "fsdp8")),
+], ids=["crnn_unfrozen", "hppnet_unfrozen", "cross_fsdp8"])
+def test_device_layouts_give_the_same_updates(corpus_cache, arg, overrides, layouts):
+  config = _config(arg, corpus_cache, **overrides)
+  batches = _batches(config, 2)
+  runs = {}
+  for layout in layouts:
+    devices = {"one_device": jax.devices()[:1], "two_devices": jax.devices()[:2]}.get(layout, jax.devices())
+    layout_config = override(_config(arg, corpus_cache, **overrides), **{"train.fsdp": 8 if layout == "fsdp8" else 1})
+    c = train.compile_steps(layout_config, devices)
+    assert c.config.train.batch_size == config.train.batch_size
+    if layout == "fsdp8":
+      specs = [s.spec for s in jax.tree.leaves(c.shardings.params)]
+      assert any("fsdp" in str(spec) for spec in specs)  # some parameters really are split
+    runs[layout] = _train(c, batches)
+  (losses_a, norms_a, initial, state_a), (losses_b, norms_b, _, state_b) = runs[layouts[0]], runs[layouts[1]]
+  np.testing.assert_allclose(losses_b, losses_a, rtol=LOSS_RTOL)
+  np.testing.assert_allclose(norms_b, norms_a, rtol=1e-3)
+  assert losses_a[0] != losses_a[1]
+  assert_same_training_state(state_b, state_a, config.train.lr, len(batches))
+  if not config.freeze_encoder:
+    # Fine-tuned: the encoder's weights and batch statistics moved.
+    for collection in ("params", "batch_stats"):
+      if initial[collection]:
+        moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), state_a[collection]["encoder"],
+                             initial[collection]["encoder"])
+        assert any(jax.tree.leaves(moved)), collection
+
+
+@pytest.mark.parametrize("devices", [1, 8, 16, 32])
+def test_every_default_batch_fits_any_device_count(devices):
+  base = load_base_config()
+  for stage in base.STAGES:
+    for size in base.DECODER_SIZES:
+      for extra in ("", ",runlocal"):
+        config = base.get_config(f"{stage},size={size}{extra}")
+        batch = train.resolve_batch_size(config, devices)
+        # The next multiple of the device count: never smaller, at most devices - 1 more.
+        assert batch % devices == 0 and config.train.batch_size <= batch < config.train.batch_size + devices
+
+
+def test_a_batch_that_cannot_split_names_the_values_that_work():
+  config = load_base_config().get_config("velocity")  # batch 40 (Table II, base)
+  config.train.round_batch = False
+  assert train.resolve_batch_size(config, 8) == 40
+  with pytest.raises(ValueError, match=r"multiple of 32 \(nearest: 32 or 64\)"):
+    train.resolve_batch_size(config, 32)
+  config.train.grad_accum = 3
+  with pytest.raises(ValueError, match=r"multiple of 24 \(nearest: 24 or 48\), or keep it with "
+                                       r"train.grad_accum in \[1, 5\]"):
+    train.resolve_batch_size(config, 8)
