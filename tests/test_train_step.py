@@ -74,12 +74,13 @@ def test_gradient_accumulation_is_exact_and_keeps_micro_batches_on_all_devices(c
 
 
 @pytest.mark.parametrize("arg,overrides,layouts", [
-    # The paper's default: the encoder fine-tunes with the decoder (BatchNorm in train mode, dropout).
-    ("onset_pitch", {"freeze_encoder": False, "train.batch_size": 2}, ("one_device", "two_devices")),
-    ("onset_pitch,encoder=hppnet", {"freeze_encoder": False, "train.batch_size": 2}, ("one_device", "two_devices")),
-    # Parameters and optimizer state split over 8 devices (cross conditioning: the most parameters).
-    ("onset_pitch,conditioning=cross", {"freeze_encoder": True}, ("fsdp1", "fsdp8")),
-], ids=["crnn_unfrozen", "hppnet_unfrozen", "cross_fsdp8"])
+    # The paper's default (prefix decoder, the CRNN fine-tuned with it: BatchNorm in train mode,
+    # dropout), with parameters and optimizer state split over the 8 devices or not.
+    ("onset_pitch", {"freeze_encoder": False}, ("fsdp1", "fsdp8")),
+    # HPPNet fine-tuned under the cross-attention decoder, on one device or two.
+    ("onset_pitch,encoder=hppnet,conditioning=cross", {"freeze_encoder": False, "train.batch_size": 2},
+     ("one_device", "two_devices")),
+], ids=["crnn_unfrozen_fsdp8", "hppnet_unfrozen_cross"])
 def test_device_layouts_give_the_same_updates(corpus_cache, arg, overrides, layouts):
   config = _config(arg, corpus_cache, **overrides)
   batches = _batches(config, 2)
