@@ -81,7 +81,9 @@ def _field_mask(stage: str, field: str, state: GrammarState) -> jax.Array:
   col = lambda x: x[:, None]  # noqa: E731  [batch] -> [batch, 1]
   sustain_ok = "sustain" in vocab.LAYOUTS[stage][0]
   if field == "onset":
-    first = jnp.maximum(state.previous_onset, 0)
+    # A further note at the previous onset needs a higher pitch; after the top key there is none.
+    first = jnp.where(state.previous_pitch >= HIGHEST_PIANO_PITCH, state.previous_onset + 1,
+                      jnp.maximum(state.previous_onset, 0))
     timed = jnp.asarray(_IS_TIME)[None] & (step >= col(first)) & (step <= LAST_ONSET_STEP)
     carried = jnp.asarray(_IS_SUSTAIN)[None] & col(~state.timed) if sustain_ok else False
     return timed | carried | jnp.asarray(_IS_EOS)[None]

@@ -104,6 +104,8 @@ def test_grammar_pitch_slot_rises_within_one_onset():
   allowed = _allowed("onset_pitch", [t(250), p(60), t(250)])
   assert allowed[p(61)] and not allowed[p(60)] and not allowed[p(59)]
   assert not allowed[vocab.EOS] and not allowed[t(300)]  # no <eos> inside a note
+  top = _allowed("onset_pitch", [t(250), p(108)])
+  assert not top[t(250)] and top[t(251)]  # no pitch is left above the top key at onset 250
   later = _allowed("onset_pitch", [t(250), p(60), t(251)])
   assert later[p(21)] and later[p(108)] and not later[p(20)] and not later[p(109)]
   carried = _allowed("flatten", [vocab.NOTE_SUSTAIN, p(64), vocab.NOTE_SUSTAIN, vocab.velocity_id(9),
