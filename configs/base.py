@@ -87,6 +87,26 @@ def get_config(arg=None):
   c.data.max_tokens = MAX_TOKENS.get(stage, 0)
   c.data.train_split = "train"
   c.data.eval_split = "validation"
+  # On-the-fly waveform augmentation of crops of the MAESTRO "train" split only
+  # (hiermt/data/augment.py): users' pianos, rooms and microphones are none we render.
+  # Each effect has a probability; (low, high) ranges are drawn uniformly. An EQ or a room
+  # costs FFTs over the whole crop (2-3 ms): their probabilities keep a loader thread fast.
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.enabled = True
+  c.data.augment.gain_prob = 1.0
+  c.data.augment.gain_db = (-18.0, 6.0)
+  c.data.augment.eq_prob = 0.25
+  c.data.augment.eq_bands = 3  # 1..eq_bands bands, each a bell or a shelf
+  c.data.augment.eq_hz = (60.0, 7000.0)  # band frequencies, log-uniform
+  c.data.augment.eq_db = 9.0  # band gains in [-eq_db, eq_db]
+  c.data.augment.eq_octaves = (0.3, 1.5)  # band widths
+  c.data.augment.reverb_prob = 0.25
+  c.data.augment.rt60_s = (0.1, 1.2)
+  c.data.augment.predelay_s = (0.0, 0.03)
+  c.data.augment.drr_db = (-3.0, 15.0)  # direct-to-reverberant energy ratio
+  c.data.augment.noise_prob = 0.5
+  c.data.augment.snr_db = (15.0, 50.0)
+  c.data.augment.noise_slopes = (0.0, 1.0)  # noise power ~ f**-slope: white, pink
 
   # --- encoder ------------------------------------------------------------
   c.encoder = ml_collections.ConfigDict()
@@ -134,7 +154,11 @@ def get_config(arg=None):
   c.train.remat = False
   c.train.log_every = 100
   c.train.eval_every = 5000
-  c.train.eval_batches = 8  # validation batches per evaluation; 0: no evaluation
+  c.train.eval_batches = 8  # validation batches per evaluation (teacher-forced loss); 0: none
+  # Validation pieces transcribed per evaluation for note F1 (hiermt/validation.py), each cut to
+  # its first eval_seconds (0: whole pieces); the best-scored checkpoint is kept. 0 pieces: none.
+  c.train.eval_pieces = 2
+  c.train.eval_seconds = 0.0
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
   # Parameter sharding over an `fsdp` mesh axis of this size (1: pure data parallel).
@@ -146,6 +170,7 @@ def get_config(arg=None):
     # A few steps in seconds on one CPU (the tests force 8 devices and raise the batch to 8).
     c.data.generated_minutes = 3.0
     c.data.worker_count = 0
+    c.data.augment.enabled = False  # smoke runs see the corpus as rendered
     c.data.max_tokens = 256
     c.encoder.width = 0.0625
     if opts["size"] == "base":  # the default size shrinks; an explicit size is kept
@@ -156,5 +181,7 @@ def get_config(arg=None):
     c.train.log_every = 1
     c.train.eval_every = 4
     c.train.eval_batches = 1
+    c.train.eval_pieces = 1
+    c.train.eval_seconds = 10.0
     c.train.checkpoint_every = 2
   return c

@@ -100,6 +100,34 @@ def test_stream_starts_at_any_batch_on_any_process_count(runlocal_config, proces
     np.testing.assert_array_equal(expected[key], np.concatenate([p[key] for p in parts]), err_msg=key)
 
 
+_EVERY_EFFECT = {"data.augment.enabled": True, "data.augment.eq_prob": 1.0, "data.augment.reverb_prob": 1.0,
+                 "data.augment.noise_prob": 1.0}
+
+
+@pytest.mark.parametrize("stage", ["encoder", "onset_pitch"])
+def test_only_train_crops_are_augmented_and_labels_never_change(runlocal_config, stage):
+  raw_config, config = runlocal_config(stage), runlocal_config(stage, **_EVERY_EFFECT)
+  assert not raw_config.data.augment.enabled  # runlocal smoke runs see the corpus as rendered
+  raw = next(iter(pipeline.make_dataset(raw_config, "train", seed=0)))
+  augmented = next(iter(pipeline.make_dataset(config, "train", seed=0)))
+  _assert_same(augmented, next(iter(pipeline.make_dataset(config, "train", seed=0))))  # deterministic
+  assert not np.array_equal(raw["audio"][0], augmented["audio"][0])
+  assert not np.array_equal(raw["audio"][1], augmented["audio"][1])
+  _assert_same({k: v for k, v in raw.items() if k != "audio"}, {k: v for k, v in augmented.items() if k != "audio"})
+  for split in ("validation", "test"):
+    _assert_same(next(iter(pipeline.make_dataset(raw_config, split, seed=1, num_batches=1))),
+                 next(iter(pipeline.make_dataset(config, split, seed=1, num_batches=1))))
+
+
+def test_augmented_crop_is_aligned_with_the_raw_crop(runlocal_config):
+  # Gain alone, -6.0206 dB: every sample exactly halved in place (the reverb context is cut off again).
+  halve = {"data.augment.enabled": True, "data.augment.gain_prob": 1.0, "data.augment.gain_db": (-20 * np.log10(2),) * 2,
+           "data.augment.eq_prob": 0.0, "data.augment.reverb_prob": 0.0, "data.augment.noise_prob": 0.0}
+  raw = next(iter(pipeline.make_dataset(runlocal_config("encoder"), "train", seed=2)))["audio"]
+  halved = next(iter(pipeline.make_dataset(runlocal_config("encoder", **halve), "train", seed=2)))["audio"]
+  np.testing.assert_array_equal(halved, np.rint(raw / 2).astype(np.int16))
+
+
 _PREPARE_SCRIPT = """
 import json, sys
 from hiermt import partitioning

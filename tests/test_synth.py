@@ -1,4 +1,5 @@
-"""The generated corpus: layout, ground truth, determinism, and that reserved material stays out."""
+"""The generated corpus: layout, ground truth, determinism, rendering variety, the held-out corpus,
+and that reserved material stays out."""
 
 import json
 import os
@@ -89,8 +90,14 @@ def test_same_seed_same_corpus_and_resume(corpus):
   wav_times = {f: os.stat(f).st_mtime_ns for f in files if f.endswith(".wav")}
   synth.build_corpus(out, MINUTES, seed=0, progress=False)
   assert {f: open(f, "rb").read() for f in before} == before
-  # Identical MIDI is not rendered again.
+  # Identical MIDI is not rendered again, unless its rendering settings changed.
   assert {f: os.stat(f).st_mtime_ns for f in wav_times} == wav_times
+  record = next(r for r in json.load(open(os.path.join(out, synth.MANIFEST_NAME)))["pieces"])
+  midi, settings = os.path.join(out, record["midi_filename"]), {k: record[k] for k in synth.HELDOUT}
+  args = (midi, midi[:-5] + ".wav", open(midi, "rb").read())
+  duration = soundfile.info(midi[:-5] + ".wav").frames / 16000
+  assert synth._up_to_date(*args, settings, 16000, duration)  # pylint: disable=protected-access
+  assert not synth._up_to_date(*args, {**settings, "gain": settings["gain"] + 0.1}, 16000, duration)  # pylint: disable=protected-access
   other = next(synth.plan(MINUTES, seed=1))
   first = next(synth.plan(MINUTES, seed=0))
   assert synth.midi_bytes(other.perf) != synth.midi_bytes(first.perf)
@@ -170,14 +177,124 @@ def test_procedural_music_is_varied():
 
 def test_split_assignment():
   durations = np.random.default_rng(0).uniform(10, 90, 60)
-  splits = synth.assign_splits(durations, seed=0)
-  assert splits == synth.assign_splits(durations, seed=0)
+  assign = lambda ds, seed: [a(d) for a in [synth.SplitAssigner(seed)] for d in ds]
+  splits = assign(durations, 0)
+  assert splits == assign(durations, 0)
   share = {s: durations[np.array(splits) == s].sum() / durations.sum() for s in maestro.SPLITS}
   assert share["train"] == pytest.approx(0.8, abs=0.03)
   assert share["validation"] == pytest.approx(0.1, abs=0.03) and share["test"] == pytest.approx(0.1, abs=0.03)
-  assert sorted(synth.assign_splits([100.0, 1.0, 1.0], seed=5)) == ["test", "train", "validation"]
+  assert sorted(assign([100.0, 1.0, 1.0], 5)) == ["test", "train", "validation"]
 
 
 def test_bad_minutes():
   with pytest.raises(ValueError, match="minutes"):
     synth.build_corpus("/nonexistent/never/written", 0)
+
+
+# ---------------------------------------------------------------------------
+# Rendering variety, transposition and the held-out timbre and room
+# ---------------------------------------------------------------------------
+
+
+def _heldout_room(reverb):
+  return reverb is not None and {k: reverb[k] for k in synth.HELDOUT["reverb"]} == synth.HELDOUT["reverb"]
+
+
+@pytest.mark.parametrize("fonts", [["/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/TimGM6mb.sf2"],
+                                   ["/venv/pretty_midi/TimGM6mb.sf2"]])  # the pip-only fallback
+def test_render_settings_vary_but_never_use_the_heldout_timbre_or_room(fonts):
+  rng = np.random.default_rng(0)
+  settings = [synth.render_settings(rng, fonts) for _ in range(3000)]
+  timbres = {(s["soundfont"], s["program"]) for s in settings}
+  assert len(timbres) == len(fonts) * len(synth.PIANO_PROGRAMS) - 1  # every font and program but the held-out one
+  for s in settings:
+    assert not (os.path.basename(s["soundfont"]) == synth.HELDOUT["soundfont"]
+                and s["program"] == synth.HELDOUT["program"]), s
+    assert s["program"] in synth.PIANO_PROGRAMS and not _heldout_room(s["reverb"])
+    if s["reverb"]:
+      assert s["reverb"]["room-size"] < synth.HELDOUT["reverb"]["room-size"]
+      assert s["reverb"]["level"] < synth.HELDOUT["reverb"]["level"]
+  assert 0.1 < np.mean([s["reverb"] is None for s in settings]) < 0.3
+  assert 0.2 < np.mean([s["chorus"] is not None for s in settings]) < 0.4
+  assert len({s["tuning"] for s in settings}) > 100 and max(abs(s["tuning"]) for s in settings) <= 20
+  assert synth.heldout_settings(fonts)["soundfont"] == fonts[-1]
+
+
+def test_the_rendered_midi_differs_from_the_ground_truth_only_in_its_first_events(tmp_path):
+  truth = tmp_path / "truth.midi"
+  truth.write_bytes(synth.midi_bytes(_perf([(0.5, 1.0, 60, 80), (0.75, 2.0, 72, 90)], [(0.6, 127), (1.5, 0)])))
+  settings = {"soundfont": "unused.sf2", "program": 3, "gain": 1.0, "reverb": {"room-size": 0.5, "send": 40},
+              "chorus": {"nr": 3, "send": 70}, "tuning": -15.0}
+  synth._variant(str(truth), str(tmp_path / "variant.mid"), settings)  # pylint: disable=protected-access
+  a, b = pretty_midi.PrettyMIDI(str(truth)), pretty_midi.PrettyMIDI(str(tmp_path / "variant.mid"))
+  assert [i.program for i in a.instruments] == [0] and [i.program for i in b.instruments] == [3]
+  assert [(n.start, n.end, n.pitch, n.velocity) for n in a.instruments[0].notes] == \
+      [(n.start, n.end, n.pitch, n.velocity) for n in b.instruments[0].notes]
+  controls = {c.number: c.value for c in b.instruments[0].control_changes if c.time == 0}
+  assert controls[91] == 40 and controls[93] == 70
+  assert [(p.time, p.pitch) for p in b.instruments[0].pitch_bends] == [(0.0, round(-15 / 200 * 8192))]
+
+
+def test_transposition_stays_on_the_keyboard():
+  rng = np.random.default_rng(0)
+  wide = _perf([(0.0, 1.0, 22, 80), (0.0, 1.0, 107, 80)])
+  assert {synth.transposition(rng, wide) for _ in range(200)} == {-1, 0, 1}
+  low = _perf([(0.0, 1.0, 21, 80), (0.0, 1.0, 60, 80)])
+  assert {synth.transposition(rng, low) for _ in range(200)} == {0, 1, 2}
+  assert {synth.transposition(rng, _perf([(0.0, 1.0, 60, 80)])) for _ in range(200)} == set(range(-2, 3))
+
+
+def test_training_pieces_are_transposed_and_their_labels_with_them(corpus):
+  out, _, manifest = corpus
+  planned = list(synth.plan(MINUTES, seed=0))
+  assert len(planned) == len(manifest["pieces"])
+  for piece, record in zip(planned, manifest["pieces"]):
+    shift = record["transpose"]
+    if record["split"] == "train":
+      assert abs(shift) <= synth.TRANSPOSE_SEMITONES
+    else:
+      assert shift == 0
+    written = pretty_midi.PrettyMIDI(os.path.join(out, record["midi_filename"])).instruments[0].notes
+    np.testing.assert_array_equal(sorted(n.pitch for n in written), np.sort(piece.perf.pitch + shift))
+  assert any(r["transpose"] for r in manifest["pieces"])
+
+
+def test_heldout_corpus_renders_only_the_test_pieces_with_the_heldout_timbre_and_room(corpus):
+  out, checked, manifest = corpus
+  heldout_dir = os.path.join(out, synth.HELDOUT_DIR)
+  test = maestro.pieces(out, "test")
+  heldout = maestro.load_index(heldout_dir)
+  assert test and [p.midi_filename for p in heldout] == [p.midi_filename for p in test]
+  assert {p.split for p in heldout} == {"test"}
+  with open(os.path.join(heldout_dir, synth.MANIFEST_NAME)) as f:
+    settings = json.load(f)["heldout"]
+  assert settings == {**synth.HELDOUT, "soundfont": settings["soundfont"]}
+  assert manifest["heldout"] == {"dir": synth.HELDOUT_DIR, **settings}
+  assert os.path.basename(settings["soundfont"]) == synth.HELDOUT["soundfont"] and settings["soundfont"] in checked
+  for h, p in zip(heldout, test):
+    assert open(h.midi_path, "rb").read() == open(p.midi_path, "rb").read()  # the same ground truth
+    with soundfile.SoundFile(h.audio_path) as f:
+      assert json.loads(f.comment) == settings and f.frames == round(p.duration * 16000)
+    assert not np.array_equal(soundfile.read(h.audio_path)[0], soundfile.read(p.audio_path)[0])
+  assert synth.is_current(heldout_dir) and synth.is_current(out)
+
+
+def test_a_corpus_of_another_version_is_not_current(tmp_path):
+  (tmp_path / synth.MANIFEST_NAME).write_text(json.dumps({"version": synth.CORPUS_VERSION - 1}))
+  (tmp_path / maestro.CSV_NAME).write_text("")
+  assert not synth.is_current(str(tmp_path))
+  (tmp_path / synth.MANIFEST_NAME).write_text(json.dumps({"version": synth.CORPUS_VERSION}))
+  assert synth.is_current(str(tmp_path))
+  assert not synth.is_current(str(tmp_path / "missing"))
+
+
+def test_progress_counts_whole_seconds_and_never_passes_its_total(capsys):
+  progress = synth._Progress(10, enabled=True)  # pylint: disable=protected-access
+  progress.advance(3.7)
+  progress.advance(0.6)
+  assert progress._bar.n == 4  # pylint: disable=protected-access
+  progress.advance(40.141000000000005)
+  assert progress._bar.n == 10  # pylint: disable=protected-access
+  progress.close()
+  shown = capsys.readouterr().err
+  assert "10/10" in shown and "40.14" not in shown and "4.3" not in shown

@@ -6,7 +6,10 @@ function of (seed, i) — which piece, where the crop starts — so the data ord
 is the same on 1 or N processes, with any worker count, and after a restore: a
 run resumed at step k starts the stream at batch k (`first_batch`).
 
-The loader ships int16 audio: features are computed on the accelerator.
+The loader ships int16 audio: features are computed on the accelerator. Crops of
+the "train" split are augmented first (hiermt/data/augment.py) when
+`config.data.augment.enabled`, from a random stream of (seed, index) of their own;
+validation and test crops never are, and no augmentation changes a label.
 """
 
 import dataclasses
@@ -23,6 +26,7 @@ import numpy as np
 from hiermt import objectives
 from hiermt import partitioning
 from hiermt import vocabulary
+from hiermt.data import augment
 from hiermt.data import prepare
 from hiermt.data import synth
 from hiermt.models import crnn
@@ -30,6 +34,10 @@ from hiermt.models import hppnet
 
 # Frame rate of each encoder's rolls, which the encoder-stage targets must match.
 ENCODER_FPS = {"crnn": crnn.CRNN.FRAMES_PER_SECOND, "hppnet": hppnet.HPPNet.FRAMES_PER_SECOND}
+# Only crops of this split are augmented.
+AUGMENTED_SPLIT = "train"
+# Third entropy word of an example's augmentation stream, so it is independent of its crop stream.
+_AUGMENT_STREAM = 1
 
 
 def _prepare_here(config):
@@ -40,7 +48,8 @@ def _prepare_here(config):
       cache, f"generated-{config.data.generated_minutes:g}min-seed{config.seed}")
   with open(os.path.join(cache, ".lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    if not config.data.data_dir and not os.path.exists(os.path.join(data_dir, "maestro-v3.0.0.csv")):
+    # A corpus of an older generator version is brought up to date (unchanged pieces are kept).
+    if not config.data.data_dir and not synth.is_current(data_dir):
       logging.info("no data_dir configured: generating a %g-minute corpus into %s",
                    config.data.generated_minutes, data_dir)
       synth.build_corpus(data_dir, minutes=config.data.generated_minutes, seed=config.seed, cache_dir=cache)
@@ -96,6 +105,7 @@ class BatchBuilder:
   encoder: str  # whose roll targets the encoder stage uses (hiermt.objectives)
   encoder_fps: int
   max_tokens: int
+  augmenter: augment.Augmenter | None = None  # None: crops as recorded
 
   def __post_init__(self):
     durations = np.array([self.store.duration(i) for i in range(len(self.store))], np.float64)
@@ -122,9 +132,14 @@ class BatchBuilder:
   def example(self, index):
     """One training example as a dict of numpy arrays."""
     piece, start = self.crop(index)
-    audio = np.zeros(self.num_samples, np.int16)  # [samples]; zero-padded past the piece end
-    chunk = self.store.audio(piece)[start:start + self.num_samples]
-    audio[:len(chunk)] = chunk
+    # The augmenter also hears what was played just before the crop (its reverberation).
+    context = self.augmenter.context if self.augmenter is not None else 0
+    lead = min(context, start)  # fewer samples precede a crop near the start of its piece
+    audio = np.zeros(context + self.num_samples, np.int16)  # [context + samples]; zeros outside the piece
+    chunk = self.store.audio(piece)[start - lead:start + self.num_samples]
+    audio[context - lead:context - lead + len(chunk)] = chunk
+    if self.augmenter is not None:
+      audio = self.augmenter(audio, np.random.default_rng((self.seed, index, _AUGMENT_STREAM)))  # [samples]
     start_s = start / self.sample_rate
     notes = self._notes_of(piece)
     out = {"audio": audio}
@@ -172,7 +187,9 @@ def make_dataset(config, split, *, seed, num_batches=None, first_batch=0, proces
       num_samples=int(round(config.data.segment_seconds * config.data.sample_rate)),
       sample_rate=config.data.sample_rate, encoder=config.encoder.name,
       encoder_fps=ENCODER_FPS[config.encoder.name],
-      max_tokens=config.data.max_tokens)
+      max_tokens=config.data.max_tokens,
+      augmenter=(augment.Augmenter(config.data.augment.to_dict(), config.data.sample_rate)
+                 if split == AUGMENTED_SPLIT and config.data.augment.enabled else None))
   length = num_batches if num_batches is not None else 2**40
   # One reader thread a process (or worker) and a short read-ahead: Grain's default
   # read-ahead of hundreds of elements would hold gigabytes of whole batches.

@@ -10,13 +10,18 @@ Three kinds of material (design.md §5), each cut into pieces of 30–90 s
   * procedural: piano writing built from chord progressions (block chords,
     scales, arpeggios, Alberti bass, repeated notes, leaps, wide dynamics, pedal).
 
-Every piece is written once as a type-1 MIDI file (program 0, CC64 pedal) and
-that very file is rendered with the `fluidsynth` CLI, so the MIDI is the ground
-truth of its audio. SoundFont, gain and reverb vary per piece; the WAV is
-16-bit mono at `sample_rate`. Everything is a pure function of the seed except
-the rendering itself, and every file is written under a temporary name first.
-Besides the MAESTRO index, `hiermt_synth.json` records each piece's source and
-rendering settings.
+Every piece is written once as a type-1 MIDI file (program 0, CC64 pedal), the
+ground truth, and rendered with the `fluidsynth` CLI from a copy that differs only
+in its first events: the GM piano program, effect sends and tuning. Timbre
+(SoundFont x program), gain, room (reverb), chorus and tuning vary per piece, and
+training pieces are transposed by a few semitones (their MIDI is the transposed
+one). One timbre and one room, HELDOUT, are never used for these renderings: the
+test pieces are rendered again with them into OUTPUT_DIR/heldout, a MAESTRO-layout
+corpus of its own, to measure generalisation to a piano and a room training never
+heard. WAVs are 16-bit mono at `sample_rate`. Everything is a pure function of the
+seed except the rendering itself, and every file is written under a temporary
+name first. Besides the MAESTRO index, `hiermt_synth.json` records each piece's
+source, split, transposition and rendering settings.
 """
 
 import collections
@@ -28,12 +33,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 
 from absl import app
 from absl import flags
 from absl import logging
+import mido
 import numpy as np
 import pretty_midi
 import soundfile
@@ -523,50 +530,154 @@ def plan(minutes, seed, cache_dir="~/.cache/hiermt", skipped=None):
       yield from _procedural_pieces(rng, budget, low, high)
 
 
-def assign_splits(durations, seed):
-  """Split per piece, about 80/10/10 by duration; every split non-empty once there are 3 pieces."""
-  rng = np.random.default_rng([seed, len(KIND_SHARES)])
-  total = float(np.sum(durations))
-  filled = dict.fromkeys(SPLIT_SHARES, 0.0)
-  out = [None] * len(durations)
-  for k, i in enumerate(rng.permutation(len(durations))):
-    if k < len(SPLIT_SHARES):  # one piece for each split first
-      split = list(SPLIT_SHARES)[k]
+class SplitAssigner:
+  """Gives each piece its split as it is planned: about SPLIT_SHARES by duration.
+
+  Streaming, so a piece can be rendered (and transposed if it trains) while the
+  next ones are still being planned. The first three pieces go one to each split,
+  in an order drawn from the seed; every later one to the split furthest below
+  its share of the audio so far.
+  """
+
+  def __init__(self, seed):
+    rng = np.random.default_rng([seed, len(KIND_SHARES)])
+    self._first = [list(SPLIT_SHARES)[i] for i in rng.permutation(len(SPLIT_SHARES))]
+    self._filled = dict.fromkeys(SPLIT_SHARES, 0.0)
+
+  def __call__(self, duration):
+    """The split of the next piece, `duration` seconds long."""
+    if self._first:
+      split = self._first.pop(0)
     else:
-      split = max(SPLIT_SHARES, key=lambda s: SPLIT_SHARES[s] * total - filled[s])
-    out[i] = split
-    filled[split] += durations[i]
-  return out
+      total = sum(self._filled.values()) + duration
+      split = max(SPLIT_SHARES, key=lambda s: SPLIT_SHARES[s] * total - self._filled[s])
+    self._filled[split] += duration
+    return split
 
 
 # ---------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------
 
+# General MIDI programs a piece may be played with, on every allowed SoundFont:
+# 0 acoustic grand, 1 bright acoustic grand, 2 electric grand (a CP-70: strings
+# struck by hammers, picked up electrically), 3 honky-tonk (a detuned piano).
+# Programs 4 and 5 are electric pianos (Rhodes tines, FM or reed tones): other
+# instruments, whose near-sinusoidal notes no user's piano makes.
+PIANO_PROGRAMS = (0, 1, 2, 3)
+# The held-out timbre and room: never rendered for train, validation or test;
+# the test pieces are rendered a second time with exactly these settings into
+# OUTPUT_DIR/heldout, to measure how transcription carries over to a piano and a
+# room training never heard. TimGM6mb's program 2 plays its CP-70 samples, which
+# no other allowed timbre uses (its programs 0, 1 and 3 share one set of piano
+# samples, FluidR3_GM's 0, 1 and 3 another, FluidR3_GM's 2 a third); the font is
+# matched by file name, so pretty_midi's bundled copy serves as well. The room is
+# a large live hall, bigger and wetter than any training room (ROOMS).
+HELDOUT = {"soundfont": "TimGM6mb.sf2", "program": 2, "gain": 1.0,
+           "reverb": {"room-size": 0.95, "damp": 0.1, "width": 1.0, "level": 0.9, "send": 127},
+           "chorus": None, "tuning": 0.0}
+HELDOUT_DIR = "heldout"
+# Training rooms: FluidSynth reverb settings drawn uniformly from these ranges,
+# and the MIDI reverb send (CC91). Size, level and send stay below the held-out room's.
+ROOMS = {"room-size": (0.1, 0.8), "damp": (0.0, 0.8), "width": (0.3, 1.0), "level": (0.1, 0.6), "send": (0, 100)}
+# Training pieces are transposed by up to this many semitones (labels move with them).
+TRANSPOSE_SEMITONES = 2
+# Version of the corpus a build writes: a generated corpus of another version is rebuilt.
+CORPUS_VERSION = 2
+
+
+def _is_heldout_timbre(soundfont, program):
+  return os.path.basename(str(soundfont)) == HELDOUT["soundfont"] and program == HELDOUT["program"]
+
 
 def render_settings(rng, soundfonts):
-  """Per-piece SoundFont, master gain and reverb (None: dry)."""
+  """Per-piece timbre and room: SoundFont, GM piano program, gain, reverb, chorus and tuning.
+
+  Every allowed SoundFont and PIANO_PROGRAMS program may come up, except the HELDOUT
+  timbre; rooms come from ROOMS (or none: dry), never the HELDOUT room.
+  Returns:
+    A JSON-ready dict: reverb and chorus are None (off) or FluidSynth settings plus
+    `send`, the MIDI effect send level; `tuning` is in cents (real pianos are seldom
+    tuned to A = 440 Hz exactly).
+  """
+  timbres = [(str(f), p) for f in soundfonts for p in PIANO_PROGRAMS if not _is_heldout_timbre(f, p)]
+  soundfont, program = timbres[int(rng.integers(len(timbres)))]
   reverb = None
-  if rng.random() < 0.8:  # light, varied rooms
-    reverb = {"room-size": round(rng.uniform(0.1, 0.7), 3), "damp": round(rng.uniform(0.0, 0.6), 3),
-              "width": round(rng.uniform(0.3, 1.0), 3), "level": round(rng.uniform(0.1, 0.5), 3)}
-  return {"soundfont": str(soundfonts[int(rng.integers(len(soundfonts)))]),
-          "gain": round(float(rng.uniform(0.8, 2.0)), 3), "reverb": reverb}
+  if rng.random() < 0.8:
+    reverb = {k: round(float(rng.uniform(lo, hi)), 3) for k, (lo, hi) in ROOMS.items() if k != "send"}
+    reverb["send"] = int(rng.integers(ROOMS["send"][0], ROOMS["send"][1] + 1))
+  chorus = None
+  if rng.random() < 0.3:  # a shimmer as of a slightly detuned or modulated instrument
+    chorus = {"nr": int(rng.integers(2, 6)), "level": round(float(rng.uniform(0.5, 2.0)), 3),
+              "speed": round(float(rng.uniform(0.2, 1.0)), 3), "depth": round(float(rng.uniform(2.0, 10.0)), 3),
+              "send": int(rng.integers(20, 101))}
+  return {"soundfont": soundfont, "program": program, "gain": round(float(rng.uniform(0.8, 2.0)), 3),
+          "reverb": reverb, "chorus": chorus, "tuning": round(float(rng.uniform(-20.0, 20.0)), 1)}
+
+
+def heldout_settings(soundfonts):
+  """HELDOUT with the path of its SoundFont among `soundfonts`, or None when it is not installed."""
+  for font in soundfonts:
+    if os.path.basename(str(font)) == HELDOUT["soundfont"]:
+      return {**HELDOUT, "soundfont": str(font)}
+  return None
+
+
+def transposition(rng, perf):
+  """A shift of at most TRANSPOSE_SEMITONES that keeps every note of `perf` within A0..C8."""
+  low, high = _PIANO_RANGE
+  down = max(-TRANSPOSE_SEMITONES, low - int(perf.pitch.min(initial=high)))
+  up = min(TRANSPOSE_SEMITONES, high - int(perf.pitch.max(initial=low)))
+  return int(rng.integers(down, up + 1))
+
+
+def _variant(midi_path, variant_path, settings):
+  """Writes the ground truth `midi_path` as it is to be rendered.
+
+  Only its start changes: the program, the effect sends (CC91 reverb, CC93 chorus)
+  and the tuning (a pitch bend; the GM bend range is 2 semitones). Notes, pedal
+  and timing stay exactly those of the ground truth.
+  """
+  midi = mido.MidiFile(midi_path)
+  for track in midi.tracks:
+    for i, msg in enumerate(track):
+      if msg.type == "program_change":
+        start = [msg.copy(program=settings["program"])]
+        for effect, control in (("reverb", 91), ("chorus", 93)):
+          if settings[effect]:
+            start.append(mido.Message("control_change", channel=msg.channel, control=control,
+                                      value=settings[effect]["send"]))
+        start.append(mido.Message("pitchwheel", channel=msg.channel, pitch=round(settings["tuning"] / 200 * 8192)))
+        track[i:i + 1] = start
+        break
+  midi.save(variant_path)
+
+
+def _fluidsynth_options(settings):
+  """FluidSynth command-line options for the effects of `settings`."""
+  options = []
+  for effect, switch in (("reverb", "-R"), ("chorus", "-C")):
+    params = settings[effect]
+    options += [switch, "1" if params else "0"]
+    for key, value in (params or {}).items():
+      if key != "send":  # a MIDI controller, set in the rendered MIDI
+        options += ["-o", f"synth.{effect}.{key}={value}"]
+  return options
 
 
 def render(midi_path, wav_path, settings, sample_rate, duration):
-  """Renders `midi_path` with fluidsynth into a 16-bit mono WAV of exactly `duration` seconds."""
+  """Renders `midi_path` with fluidsynth into a 16-bit mono WAV of exactly `duration` seconds.
+
+  The WAV's comment records `settings` (see _up_to_date).
+  """
   soundfont = str(sources.check_not_reserved(settings["soundfont"]))
   # Dynamic sample loading reads only the piano samples: same audio, half the start-up time.
-  cmd = ["fluidsynth", "-ni", "-q", "-C", "0", "-o", "synth.dynamic-sample-loading=1", "-r", str(sample_rate),
-         "-g", str(settings["gain"]), "-O", "float", "-T", "wav"]
-  if settings["reverb"]:
-    cmd += ["-R", "1"] + [f for k, v in settings["reverb"].items() for f in ("-o", f"synth.reverb.{k}={v}")]
-  else:
-    cmd += ["-R", "0"]
+  cmd = ["fluidsynth", "-ni", "-q", "-o", "synth.dynamic-sample-loading=1", "-r", str(sample_rate),
+         "-g", str(settings["gain"]), "-O", "float", "-T", "wav"] + _fluidsynth_options(settings)
   with tempfile.TemporaryDirectory(prefix="hiermt-render-") as scratch:
-    raw = os.path.join(scratch, "raw.wav")
-    res = subprocess.run(cmd + ["-F", raw, soundfont, midi_path], capture_output=True, text=True)
+    variant, raw = os.path.join(scratch, "variant.mid"), os.path.join(scratch, "raw.wav")
+    _variant(midi_path, variant, settings)
+    res = subprocess.run(cmd + ["-F", raw, soundfont, variant], capture_output=True, text=True)
     if res.returncode != 0 or not os.path.exists(raw):
       raise RuntimeError(f"fluidsynth failed on {midi_path} (rc {res.returncode}): {res.stderr[-500:]}")
     audio, rate = soundfile.read(raw, dtype="float32", always_2d=True)  # [samples, channels]
@@ -578,18 +689,25 @@ def render(midi_path, wav_path, settings, sample_rate, duration):
     audio *= 0.99 / peak
   pcm = np.round(audio * 32767).astype(np.int16)
   with atomic_file.atomic_output(wav_path) as tmp:
-    soundfile.write(tmp, pcm, rate, subtype="PCM_16", format="WAV")
+    with soundfile.SoundFile(tmp, "w", rate, 1, "PCM_16", format="WAV") as f:
+      f.comment = _settings_record(settings)
+      f.write(pcm)
 
 
-def _up_to_date(midi_path, wav_path, data, sample_rate, duration):
-  """Whether a previous run already wrote this MIDI and rendered it at this rate and length."""
+def _settings_record(settings):
+  return json.dumps(settings, sort_keys=True)
+
+
+def _up_to_date(midi_path, wav_path, data, settings, sample_rate, duration):
+  """Whether a previous run already wrote this MIDI and rendered it with these settings, rate and length."""
   if not (os.path.exists(midi_path) and os.path.exists(wav_path)):
     return False
   with open(midi_path, "rb") as f:
     if f.read() != data:
       return False
-  info = soundfile.info(wav_path)
-  return info.samplerate == sample_rate and info.frames == int(round(duration * sample_rate))
+  with soundfile.SoundFile(wav_path) as f:
+    return (f.samplerate == sample_rate and f.frames == int(round(duration * sample_rate))
+            and f.comment == _settings_record(settings))
 
 
 def _check_tools():
@@ -602,12 +720,58 @@ def _check_tools():
   return [sources.check_not_reserved(f) for f in fonts]
 
 
+def is_current(output_dir):
+  """Whether `output_dir` holds a complete corpus written by this version of the generator."""
+  try:
+    with open(os.path.join(output_dir, MANIFEST_NAME), encoding="utf-8") as f:
+      version = json.load(f).get("version")
+  except (OSError, ValueError):
+    return False
+  return version == CORPUS_VERSION and os.path.exists(os.path.join(output_dir, maestro.CSV_NAME))
+
+
+class _Progress:
+  """A tqdm bar of whole seconds of audio rendered, never past its total; thread-safe."""
+
+  def __init__(self, total, enabled):
+    self._bar = tqdm.tqdm(total=total, unit="s", desc="fetching the miditok MIDIs", disable=not enabled)
+    self._seconds = 0.0
+    self._lock = threading.Lock()
+
+  def describe(self, text):
+    self._bar.set_description(text)
+
+  def advance(self, seconds):
+    with self._lock:
+      self._seconds += seconds
+      self._bar.update(min(int(self._seconds), self._bar.total) - self._bar.n)
+
+  def close(self):
+    with self._lock:
+      self._bar.update(self._bar.total - self._bar.n)
+      self._bar.close()
+
+
+def _write_corpus_files(output_dir, rows, manifest):
+  """The manifest, then the MAESTRO index (whose CSV, written last, marks the folder complete)."""
+  with atomic_file.atomic_output(os.path.join(output_dir, MANIFEST_NAME)) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=1)
+  maestro.write_index(output_dir, rows)
+
+
 def build_corpus(output_dir, minutes=DEFAULT_MINUTES, seed=0, *, sample_rate=16000, workers=2,
-                 cache_dir="~/.cache/hiermt", progress=True):
+                 cache_dir="~/.cache/hiermt", heldout=True, progress=True):
   """Generates a MAESTRO-v3-layout corpus of about `minutes` of piano audio into `output_dir`.
 
+  Pieces are rendered while later ones are still planned. Training pieces are
+  transposed (TRANSPOSE_SEMITONES); every piece gets its own render_settings. With
+  `heldout`, the test pieces are also rendered with the HELDOUT timbre and room into
+  OUTPUT_DIR/heldout, a corpus of its own that lists only them (split "test").
+
   Re-running with the same arguments keeps pieces whose MIDI is unchanged and whose
-  WAV exists, so an interrupted build resumes where it stopped.
+  WAV was rendered with the same settings, so an interrupted build resumes where it
+  stopped.
 
   Args:
     output_dir: destination folder (created).
@@ -616,6 +780,8 @@ def build_corpus(output_dir, minutes=DEFAULT_MINUTES, seed=0, *, sample_rate=160
     sample_rate: rate of the written WAVs.
     workers: fluidsynth processes run in parallel.
     cache_dir: cache of the miditok MAESTRO MIDIs.
+    heldout: also write the held-out corpus (skipped, with a warning, if its
+      SoundFont is not installed).
     progress: show a tqdm bar (seconds of audio rendered).
   Returns:
     output_dir.
@@ -623,51 +789,72 @@ def build_corpus(output_dir, minutes=DEFAULT_MINUTES, seed=0, *, sample_rate=160
   if not minutes > 0:
     raise ValueError(f"minutes must be positive, got {minutes}")
   fonts = _check_tools()
+  held = heldout_settings(fonts) if heldout else None
+  if heldout and held is None:
+    logging.warning("no held-out corpus: its SoundFont %s is not installed", HELDOUT["soundfont"])
   output_dir = os.path.abspath(os.path.expanduser(output_dir))
+  heldout_dir = os.path.join(output_dir, HELDOUT_DIR)
   os.makedirs(output_dir, exist_ok=True)
   started = time.time()
-  skipped, rows, records, jobs = [], [], [], []
-  bar = tqdm.tqdm(total=round(minutes * 60), unit="s", desc="rendering", disable=not progress)
+  skipped, rows, records, heldout_rows, heldout_records, jobs = [], [], [], [], [], []
+  bar = _Progress(int(round(minutes * 60 * (1 + (SPLIT_SHARES["test"] if held else 0.0)))), progress)
+
+  def write_and_render(directory, stem, data, settings, duration):
+    midi_path, wav_path = os.path.join(directory, stem + ".midi"), os.path.join(directory, stem + ".wav")
+    if _up_to_date(midi_path, wav_path, data, settings, sample_rate, duration):
+      bar.advance(duration)
+      return
+    with atomic_file.atomic_output(midi_path) as tmp:
+      with open(tmp, "wb") as f:
+        f.write(data)
+    jobs.append(pool.submit(render, midi_path, wav_path, settings, sample_rate, duration))
+    jobs[-1].add_done_callback(lambda _: bar.advance(duration))
+
+  # On a cold cache this fetches the miditok sdist with pip: the one slow step before the first piece.
+  sources.miditok_maestro_dir(cache_dir)
+  bar.describe("planning and rendering")
+  assign = SplitAssigner(seed)
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     for index, piece in enumerate(plan(minutes, seed, cache_dir, skipped)):
       rng = np.random.default_rng([seed, 1000 + index])
       year = int(YEARS[int(rng.integers(len(YEARS)))])
       settings = render_settings(rng, fonts)
-      stem = f"{year}/hiermt-{piece.kind}-{index:04d}"
-      midi_path, wav_path = os.path.join(output_dir, stem + ".midi"), os.path.join(output_dir, stem + ".wav")
       duration = round(piece.perf.end + TAIL_SECONDS, 3)
-      data = midi_bytes(piece.perf)
-      if not _up_to_date(midi_path, wav_path, data, sample_rate, duration):
-        with atomic_file.atomic_output(midi_path) as tmp:
-          with open(tmp, "wb") as f:
-            f.write(data)
-        jobs.append(pool.submit(render, midi_path, wav_path, settings, sample_rate, duration))
-        jobs[-1].add_done_callback(lambda _, d=duration: bar.update(d))
-      else:
-        bar.update(duration)
-      rows.append({"canonical_composer": piece.composer, "canonical_title": piece.title, "split": None,
-                   "year": year, "midi_filename": stem + ".midi", "audio_filename": stem + ".wav",
-                   "duration": duration})
-      records.append({"midi_filename": stem + ".midi", "kind": piece.kind, "source": piece.source,
-                      "window": [round(w, 3) for w in piece.window], "num_notes": int(len(piece.perf.onset)),
-                      **settings})
+      split = assign(duration)
+      shift = transposition(rng, piece.perf) if split == "train" else 0
+      perf = dataclasses.replace(piece.perf, pitch=piece.perf.pitch + np.int32(shift))
+      title = piece.title + (f" transposed {shift:+d}" if shift else "")
+      stem = f"{year}/hiermt-{piece.kind}-{index:04d}"
+      data = midi_bytes(perf)
+      bar.describe(f"planning and rendering ({piece.kind})")
+      write_and_render(output_dir, stem, data, settings, duration)
+      row = {"canonical_composer": piece.composer, "canonical_title": title, "split": split, "year": year,
+             "midi_filename": stem + ".midi", "audio_filename": stem + ".wav", "duration": duration}
+      record = {"midi_filename": stem + ".midi", "kind": piece.kind, "source": piece.source,
+                "window": [round(w, 3) for w in piece.window], "num_notes": int(len(perf.onset)), "split": split,
+                "transpose": shift}
+      rows.append(row)
+      records.append({**record, **settings})
+      if held and split == "test":
+        write_and_render(heldout_dir, stem, data, held, duration)
+        heldout_rows.append(row)
+        heldout_records.append({**record, **held})
     for job in jobs:
       job.result()  # re-raises a failed render
   bar.close()
   if not rows:
     raise RuntimeError(f"no piece could be generated ({len(skipped)} sources skipped: {skipped})")
-  for row, split in zip(rows, assign_splits([r["duration"] for r in rows], seed)):
-    row["split"] = split
-  manifest = {"minutes": minutes, "seed": seed, "sample_rate": sample_rate, "skipped_sources": skipped,
-              "pieces": records}
-  with atomic_file.atomic_output(os.path.join(output_dir, MANIFEST_NAME)) as tmp:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(manifest, f, indent=1)
-  maestro.write_index(output_dir, rows)
-  seconds = sum(r["duration"] for r in rows)
+  common = {"version": CORPUS_VERSION, "minutes": minutes, "seed": seed, "sample_rate": sample_rate}
+  if held:
+    _write_corpus_files(heldout_dir, heldout_rows, {**common, "heldout": held, "pieces": heldout_records})
+  _write_corpus_files(output_dir, rows, {**common, "skipped_sources": skipped,
+                                         "heldout": {"dir": HELDOUT_DIR, **held} if held else None,
+                                         "pieces": records})
+  seconds = sum(r["duration"] for r in rows + heldout_rows)
   wall = time.time() - started
-  logging.info("%s: %d pieces, %.1f min of audio in %.1f s (%.0fx real time), %d sources skipped",
-               output_dir, len(rows), seconds / 60, wall, seconds / max(wall, 1e-9), len(skipped))
+  logging.info("%s: %d pieces (+%d held-out renderings), %.1f min of audio in %.1f s (%.0fx real time), "
+               "%d sources skipped", output_dir, len(rows), len(heldout_rows), seconds / 60, wall,
+               seconds / max(wall, 1e-9), len(skipped))
   return output_dir
 
 
@@ -679,6 +866,8 @@ def _define_flags():
   flags.DEFINE_integer("sample_rate", 16000, "Sample rate of the written WAVs.")
   flags.DEFINE_integer("workers", 2, "fluidsynth processes run in parallel.")
   flags.DEFINE_string("cache_dir", "~/.cache/hiermt", "Cache of the miditok MAESTRO MIDIs.")
+  flags.DEFINE_bool("heldout", True, f"Also render the test pieces with the held-out timbre and room into "
+                    f"OUTPUT_DIR/{HELDOUT_DIR}.")
 
 
 def main(argv):
@@ -687,15 +876,18 @@ def main(argv):
   started = time.time()
   args = flags.FLAGS
   out = build_corpus(args.output_dir, args.minutes, args.seed, sample_rate=args.sample_rate,
-                     workers=args.workers, cache_dir=args.cache_dir)
+                     workers=args.workers, cache_dir=args.cache_dir, heldout=args.heldout)
   index = maestro.load_index(out)
   with open(os.path.join(out, MANIFEST_NAME), encoding="utf-8") as f:
-    skipped = json.load(f)["skipped_sources"]
+    manifest = json.load(f)
   seconds = sum(p.duration for p in index)
   wall = time.time() - started
   per_split = {s: sum(p.split == s for p in index) for s in maestro.SPLITS}
   print(f"{out}: {len(index)} pieces {per_split}, {seconds / 60:.1f} min of audio in {wall:.1f} s "
-        f"({seconds / wall:.0f}x real time); {len(skipped)} unreadable sources skipped")
+        f"({seconds / wall:.0f}x real time); {len(manifest['skipped_sources'])} unreadable sources skipped")
+  if manifest["heldout"]:
+    print(f"held-out timbre and room: the {per_split['test']} test pieces in {os.path.join(out, HELDOUT_DIR)} "
+          f"(evaluate with --data_dir={os.path.join(out, HELDOUT_DIR)})")
 
 
 if __name__ == "__main__":
