@@ -4,9 +4,15 @@ A checkpoint holds the whole train state and the data position (the next global
 batch index; batch k is a pure function of the seed and k), so a restarted run
 continues the same loss curve on the same data on any number of processes,
 devices or loader workers.
+
+Checkpoints saved right after a validation pass carry its score (`SCORE`, the
+stage's note F1, `hiermt.validation`). The last `train.keep_checkpoints` are
+kept and, besides them, the one with the highest score: the "best" checkpoint,
+which transcription and evaluation read by default. Resuming reads the latest.
 """
 
 import contextlib
+import dataclasses
 import json
 import logging as std_logging
 import os
@@ -22,17 +28,52 @@ def stage_dir(workdir, stage):
   return os.path.join(os.path.abspath(os.path.expanduser(workdir)), stage)
 
 
+# The checkpoint metric Orbax ranks by: higher is better.
+SCORE = "score"
+CHOICES = ("best", "latest")
+
+
+def _score(metrics):
+  return metrics[SCORE]
+
+
+def _manager(directory, keep=None):
+  """Orbax's manager of WORKDIR/STAGE/checkpoints; with `keep`, one that saves (asynchronously) and keeps
+  the newest `keep` checkpoints plus the best-scored one."""
+  options = dict(best_fn=_score, best_mode="max")
+  if keep is not None:
+    options.update(create=True, enable_async_checkpointing=True,
+                   preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy([
+                       ocp.checkpoint_managers.LatestN(n=keep),
+                       ocp.checkpoint_managers.BestN(get_metric_fn=_score, n=1,
+                                                     keep_checkpoints_without_metrics=False)]))
+  return ocp.CheckpointManager(os.path.join(directory, "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(**options))
+
+
 def make_manager(directory, config):
-  """A CheckpointManager keeping the last `train.keep_checkpoints` saves (async)."""
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.train.keep_checkpoints, create=True, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(directory, "checkpoints"), options=options)
+  """A CheckpointManager keeping the last `train.keep_checkpoints` saves and the best-scored one (async)."""
+  return _manager(directory, keep=config.train.keep_checkpoints)
 
 
-def save(manager, step, state, *, force=False):
-  """Saves state (asynchronously) and the data position at `step`: the run continues with batch `step`."""
-  return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"next_batch": int(step)})), force=force)
+class _DropUnscoredWarning(std_logging.Filter):
+  """Orbax warns about every save without metrics once a manager ranks checkpoints; only saves
+  after a validation pass carry a score, so the warning is noise."""
+
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
+
+
+def save(manager, step, state, *, force=False, score=None):
+  """Saves state (asynchronously) and the data position at `step`: the run continues with batch `step`.
+
+  `score`: the validation score of `state` (higher is better), which makes the
+  checkpoint a candidate for the best one; every process must pass the same value.
+  """
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"next_batch": int(step)}))
+  metrics = None if score is None else {SCORE: float(score)}
+  with _filtered(_DropUnscoredWarning()):
+    return manager.save(step, args=args, metrics=metrics, force=force)
 
 
 def restore_latest(manager, abstract_state):
@@ -118,14 +159,18 @@ class _DropMissingMetadata(std_logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_item_metadata():
-  handler_filter = _DropMissingMetadata()
+def _filtered(log_filter):
+  """Applies `log_filter` to absl's logger (where Orbax logs) for the duration of the block."""
   logger = std_logging.getLogger("absl")
-  logger.addFilter(handler_filter)
+  logger.addFilter(log_filter)
   try:
     yield
   finally:
-    logger.removeFilter(handler_filter)
+    logger.removeFilter(log_filter)
+
+
+def _quiet_item_metadata():
+  return _filtered(_DropMissingMetadata())
 
 
 def has_checkpoint(directory) -> bool:
@@ -134,15 +179,66 @@ def has_checkpoint(directory) -> bool:
   return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
 
 
-def _latest_state_path(directory, missing_hint):
-  ckpt_dir = os.path.join(directory, "checkpoints")
-  manager = ocp.CheckpointManager(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-  step = manager.latest_step() if manager else None
-  if manager:
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """The checkpoint of a stage directory that is read, and why.
+
+  Attributes:
+    step: the checkpoint read.
+    kind: "best" (the highest validation score) or "latest".
+    score: its validation score, None when it has none.
+    latest: the newest checkpoint's step.
+    requested: what the caller asked for; "best" falls back to the latest when no
+      checkpoint carries a score (the stage was trained without validation).
+  """
+  step: int
+  kind: str
+  score: float | None
+  latest: int
+  requested: str
+
+  def describe(self) -> str:
+    """One line for logs: which checkpoint, its score, and the fallback if there was one."""
+    scored = f", validation score {self.score:.4f}" if self.score is not None else ""
+    text = f"{self.kind} checkpoint, step {self.step}{scored}"
+    if self.kind != "latest":
+      text += f" (latest: step {self.latest})"
+    if self.requested == "best" and self.kind == "latest":
+      text = (f"no best checkpoint (none carries a validation score: trained with train.eval_pieces=0, "
+              f"imported, or written by an older hiermt): using the {text}")
+    return text
+
+
+def choose(directory, which="latest"):
+  """The `which` ("best" or "latest") checkpoint of a stage directory, or None when it has none.
+
+  "best" is the checkpoint with the highest validation score, or the latest when
+  no checkpoint carries a score (`Choice.describe` says so).
+  """
+  if which not in CHOICES:
+    raise ValueError(f"unknown checkpoint choice {which!r}; valid: {', '.join(CHOICES)}")
+  if not os.path.isdir(os.path.join(directory, "checkpoints")):
+    return None
+  manager = _manager(directory)
+  try:
+    latest = manager.latest_step()
+    if latest is None:
+      return None
+    best = manager.best_step() if which == "best" else None
+    step = latest if best is None else best
+    metrics = manager.metrics(step) if best is not None else None
+  finally:
     manager.close()
-  if step is None:
+  return Choice(step=step, kind="latest" if best is None else "best",
+                score=None if metrics is None else float(_score(metrics)), latest=latest, requested=which)
+
+
+def _state_path(directory, which, missing_hint):
+  """(path of the chosen checkpoint's state item, `Choice`); FileNotFoundError with `missing_hint` when none."""
+  choice = choose(directory, which)
+  if choice is None:
     raise FileNotFoundError(f"no checkpoint in {directory}. {missing_hint}")
-  return os.path.join(ckpt_dir, str(step), "state"), step
+  return os.path.join(directory, "checkpoints", str(choice.step), "state"), choice
 
 
 class MismatchError(ValueError):
@@ -208,24 +304,28 @@ def _restore_subtrees(path, subtrees, like=None):
   return out
 
 
-def load_variables(directory, missing_hint):
-  """Params and batch statistics of the newest checkpoint in a stage directory.
+def load_variables(directory, missing_hint, which="latest"):
+  """Params and batch statistics of a stage directory's best or latest checkpoint.
 
   Restores onto this process's first device whatever the saving topology was
   (other device or process count), using the saved shapes and dtypes; nothing
-  else of the state (optimizer moments) is read.
+  else of the state (optimizer moments) is read. Logs which checkpoint is read
+  (a warning when "best" falls back to the latest).
 
   Args:
     directory: WORKDIR/STAGE.
     missing_hint: what to do when there is no checkpoint (appended to the error).
+    which: "best" or "latest" (`choose`).
 
   Returns:
     ({"params": ..., "batch_stats": ...}, step).
   Raises:
     FileNotFoundError: no checkpoint in `directory`.
   """
-  path, step = _latest_state_path(directory, missing_hint)
-  return _restore_subtrees(path, {"params": (), "batch_stats": ()}), step
+  path, choice = _state_path(directory, which, missing_hint)
+  log = logging.warning if choice.kind != choice.requested else logging.info
+  log("%s: %s", directory, choice.describe())
+  return _restore_subtrees(path, {"params": (), "batch_stats": ()}), choice.step
 
 
 def load_encoder(directory, like=None):
@@ -246,29 +346,29 @@ def load_encoder(directory, like=None):
     FileNotFoundError: no checkpoint there, with what to run first.
     MismatchError: the saved encoder does not have `like`'s shapes.
   """
-  path, step = _latest_state_path(
-      directory,
+  path, choice = _state_path(
+      directory, "latest",
       "Pretrain the encoder first (python -m hiermt.main --config=configs/base.py:encoder --workdir=WORKDIR), "
       "point --config.init_from at a stage directory that has one, or set --config.init_from=none "
       "to start the encoder from scratch")
   out = _restore_subtrees(path, {"params": ("encoder",), "batch_stats": ("encoder",)}, like)
   if not out["params"]:
     raise ValueError(f"the checkpoint {path} holds no params/encoder subtree")
-  logging.info("encoder initialised from %s (step %d)", directory, step)
+  logging.info("encoder initialised from %s (step %d)", directory, choice.step)
   return out
 
 
-def write_stage(directory, config, state):
+def write_stage(directory, config, state, score=None):
   """Writes `state` as the newest checkpoint of a stage directory, with its config.json.
 
   For checkpoints made outside the training loop (imported encoders, tests,
   benchmarks): `transcribe.load` and the encoder hand-over read them like any
   other; a training run in that directory resumes from them at batch `state.step`
-  as from its own.
+  as from its own. `score`: a validation score, as `save`.
   """
   write_config(directory, config)
   manager = make_manager(directory, config)
-  manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+  save(manager, int(state.step), state, force=True, score=score)
   manager.wait_until_finished()
   manager.close()
 

@@ -1,11 +1,13 @@
 """Scores transcriptions of a MAESTRO-layout split and writes a Table-I style report.
 
   python -m hiermt.evaluate --workdir=DIR --data_dir=MAESTRO_DIR [--split=test]
-      [--layout=hierarchy|flatten|roll|all] [--predictions=MIDI_DIR]
+      [--layout=hierarchy|flatten|roll|all] [--checkpoint=best|latest] [--predictions=MIDI_DIR]
       [--output_dir=OUT] [--max_pieces=N] [--plot_seconds=S]
 
 Model mode (no --predictions) transcribes each piece's audio with every layout
-trained in WORKDIR (`hiermt.transcribe`), or only --layout. --predictions
+trained in WORKDIR (`hiermt.transcribe`), or only --layout, reading each stage's
+best checkpoint (highest validation note F1 during training; its latest where
+none was scored) or, with --checkpoint=latest, its latest. --predictions
 scores another system's MIDI files instead: MIDI_DIR/<audio stem>.mid (or
 .midi) per piece, read with `notes.read_midi`, so pedal CCs in them extend
 their notes as played; --workdir is then not needed. A prediction file that
@@ -71,6 +73,7 @@ class Options:
   workdir: str | None = None
   split: str = "test"
   layout: str = "all"
+  checkpoint: str = "best"
   predictions: str | None = None
   output_dir: str | None = None
   max_pieces: int | None = None
@@ -81,7 +84,8 @@ class Options:
   def from_flags(cls) -> "Options":
     """The values of the flags of `_define_flags`, once parsed."""
     f = flags.FLAGS
-    return cls(data_dir=f.data_dir, workdir=f.workdir, split=f.split, layout=f.layout, predictions=f.predictions,
+    return cls(data_dir=f.data_dir, workdir=f.workdir, split=f.split, layout=f.layout, checkpoint=f.checkpoint,
+               predictions=f.predictions,
                output_dir=f.output_dir, max_pieces=f.max_pieces, plot_seconds=f.plot_seconds,
                layout_given=f["layout"].present)
 
@@ -319,8 +323,9 @@ def _plotter(output_dir, system, seconds):
   return plot
 
 
-def _model_predictors(workdir, layout):
-  """Yields (layout, predict_fn) for each layout to score, loading one model at a time."""
+def _model_predictors(workdir, layout, which):
+  """Yields (layout, predict_fn) for each layout to score, loading one model at a time from each stage's
+  `which` ("best" or "latest") checkpoint."""
   try:
     from hiermt import transcribe  # pylint: disable=import-outside-toplevel  (heavy: JAX and the models)
   except ImportError as e:
@@ -338,7 +343,7 @@ def _model_predictors(workdir, layout):
     layouts = [layout]
   for name in layouts:
     try:
-      transcriber = transcribe.load(workdir, layout=name)
+      transcriber = transcribe.load(workdir, layout=name, which=which)
     except FileNotFoundError as e:
       raise EvaluationError(f"layout {name} is not available: {e}") from e
     yield name, lambda piece, t=transcriber: t.transcribe(piece.audio_path)
@@ -368,7 +373,7 @@ def run(options: Options) -> dict:
     output_dir = options.output_dir or os.path.join(predictions, "eval", split)
   else:
     midi_predictions = None
-    systems = _model_predictors(options.workdir, options.layout)
+    systems = _model_predictors(options.workdir, options.layout, options.checkpoint)
     output_dir = options.output_dir or os.path.join(options.workdir, "eval", split)
 
   references = {}  # piece_id -> Notes, read once for all layouts
@@ -392,7 +397,7 @@ def run(options: Options) -> dict:
   info = {"split": split, "data_dir": os.path.abspath(options.data_dir),
           "workdir": os.path.abspath(options.workdir) if options.workdir else None,
           "predictions": os.path.abspath(predictions) if predictions else None,
-          "max_pieces": options.max_pieces}
+          "checkpoint": None if predictions else options.checkpoint, "max_pieces": options.max_pieces}
   paths = write_report(output_dir, results, info)
   print(format_table(results))
   if midi_predictions is not None and midi_predictions.missing:
@@ -412,6 +417,10 @@ def _define_flags():
   flags.DEFINE_enum("split", "test", maestro.SPLITS, "Split to score.")
   flags.DEFINE_enum("layout", "all", LAYOUTS + ("all",),
                     "Layout to transcribe with; all = every layout trained in --workdir.")
+  # checkpoint.CHOICES, spelt out: importing hiermt.checkpoint loads JAX, which --predictions does without.
+  flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                    "Each stage's best checkpoint (highest validation note F1 during training; the latest where "
+                    "none was scored) or its latest.")
   flags.DEFINE_string(
       "predictions", None,
       "Folder of another system's MIDI files named <audio stem>.mid (or .midi), scored instead of "

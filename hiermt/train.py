@@ -4,11 +4,17 @@ Stages differ only in config: `encoder` trains the roll heads with Kong's losses
 the LM stages train token cross-entropy under each stage's loss mask. The same
 code runs on one CPU, one GPU, eight GPUs or many hosts: the batch is split
 over a [data, fsdp] mesh and XLA inserts the collectives.
+
+Every `train.eval_every` steps (and at the end) the run evaluates: teacher-forced
+loss and metrics on `train.eval_batches` validation crops, and the note F1 of
+transcribing `train.eval_pieces` validation pieces (`hiermt.validation`), whose
+score marks the checkpoint saved at that step as a candidate for the best one.
 """
 
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -28,6 +34,7 @@ from tensorboard.summary import Writer
 from hiermt import checkpoint
 from hiermt import objectives
 from hiermt import partitioning
+from hiermt import validation
 from hiermt.data import pipeline
 from hiermt.models import transcriber
 
@@ -447,15 +454,40 @@ def compile_steps(config, devices=None):
   return Compiled(model, mesh, state, shardings, train_fn, eval_fn, step_rng, config)
 
 
+class _Step:
+  """A jitted step compiled ahead of time on first use, logged before and after: compiling a large
+  model takes minutes, and a silent start looks like a hang."""
+
+  def __init__(self, name, jitted):
+    self.name = name
+    self._jitted = jitted
+    self._compiled = None
+
+  def compile(self, *args):
+    """Compiles for the shapes and shardings of `args` (once); returns the executable."""
+    if self._compiled is None:
+      logging.info("compiling the %s…", self.name)
+      start = time.time()
+      self._compiled = self._jitted.lower(*args).compile()
+      logging.info("compiled the %s in %.1f s", self.name, time.time() - start)
+    return self._compiled
+
+  def __call__(self, *args):
+    return self.compile(*args)(*args)
+
+
 def run(config, workdir, devices=None):
   """Trains `config.stage` into WORKDIR/STAGE, resuming from its newest checkpoint.
+
+  A stage whose newest checkpoint already reached `train.steps` is left alone:
+  the run says so and returns None without building anything.
 
   Args:
     config: the run config (configs/base.py).
     workdir: run directory shared by all stages.
     devices: devices of the mesh; all devices of all processes by default.
   Returns:
-    The final train state.
+    The final train state, or None when the stage was already complete.
   Raises:
     Preempted: a SIGTERM stopped the run after every process saved the same step
       (`python -m hiermt.main` exits with PREEMPTED_EXIT_CODE).
@@ -466,6 +498,12 @@ def run(config, workdir, devices=None):
   # Identical programs (restarts, later stages, tests) then compile once per machine.
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser(config.data.cache_dir), "xla"))
   directory = checkpoint.stage_dir(workdir, config.stage)
+  done = checkpoint.choose(directory, "latest")
+  if done is not None and done.step >= config.train.steps:
+    logging.info("stage %s is already complete at step %d (train.steps=%d); its checkpoints are in %s. "
+                 "Nothing to do (raise --config.train.steps to train further).", config.stage, done.step,
+                 config.train.steps, os.path.join(directory, "checkpoints"))
+    return None
   c = compile_steps(config, devices)
   config = c.config
   mesh, state, shardings, train_fn, eval_fn, step_rng = c.mesh, c.state, c.shardings, c.train_fn, c.eval_fn, c.step_rng
@@ -492,28 +530,35 @@ def run(config, workdir, devices=None):
   # Global batch k is a pure function of (seed, k): the data resume at batch `start_step`.
   train_iter = iter(pipeline.make_dataset(config, config.data.train_split, seed=config.seed,
                                           first_batch=start_step))
-
+  t = config.train
   is_main = jax.process_index() == 0
   writer = Writer(os.path.join(directory, "tensorboard")) if is_main else None
   metrics_log = open(os.path.join(directory, "metrics.jsonl"), "a") if is_main else None
   schedule = learning_rate_schedule(config)
   preemption = _Preemption()
   pending, window, truncated = [], [], 0
-  last_time, last_step, paused = time.time(), start_step, 0.0
-  t = config.train
   step = start_step
   preempted = False
   try:
+    validator = validation.Validator(config, mesh) if t.eval_pieces > 0 else None
+    eval_step = _Step("eval step", eval_fn)
+    # The first batch gives the train step its shapes; compiling it before the loop keeps
+    # compilation out of the first logged step rate.
+    first = next(train_iter)
+    train_step = _Step("train step", train_fn)
+    train_step.compile(state, partitioning.global_batch(mesh, first), step_rng)
+    batches = itertools.chain([first], train_iter)
+    last_time, last_step, paused = time.time(), start_step, 0.0
     while step < t.steps:
-      batch = next(train_iter)
-      state, metrics = train_fn(state, partitioning.global_batch(mesh, batch), step_rng)
+      state, metrics = train_step(state, partitioning.global_batch(mesh, next(batches)), step_rng)
       step += 1
       pending.append(metrics)
       # Every process asks after every step, so all of them stop after the same one.
       preempted = preemption.stop_after(step) and step < t.steps
       log_now = step % t.log_every == 0 or step == t.steps or preempted  # no step left unlogged
-      eval_now = t.eval_batches > 0 and (step % t.eval_every == 0 or step == t.steps)
-      save_now = step % t.checkpoint_every == 0 or step == t.steps or preempted
+      eval_now = (t.eval_batches > 0 or validator is not None) and (step % t.eval_every == 0 or step == t.steps)
+      # A validated state is saved with its score, so that the best one can be kept.
+      save_now = step % t.checkpoint_every == 0 or step == t.steps or preempted or (eval_now and validator is not None)
       if not (log_now or eval_now or save_now):
         continue
       host = jax.device_get(pending)
@@ -538,14 +583,18 @@ def run(config, workdir, devices=None):
         summary["truncated_sequences"] = truncated
         if is_main:
           _log(writer, metrics_log, "train", step, summary, t.steps)
+      score = None
       if eval_now:
         start = time.time()
-        eval_summary = evaluate(config, state, mesh, eval_fn)
+        eval_summary = evaluate(config, state, mesh, eval_step) if t.eval_batches > 0 else {}
+        if validator is not None:
+          eval_summary.update(validator(state))
+          score = eval_summary[validation.score_key(config.stage)]
         paused += time.time() - start
         if is_main:
           _log(writer, metrics_log, "eval", step, eval_summary, t.steps)
       if save_now:
-        checkpoint.save(manager, step, state, force=True)
+        checkpoint.save(manager, step, state, force=True, score=score)
       if preempted:
         logging.warning("preempted: saved step %d; exiting so that the job can be requeued", step)
         break
@@ -572,5 +621,5 @@ def _log(writer, metrics_log, prefix, step, summary, total):
   metrics_log.write(json.dumps({"split": prefix, "step": step, **summary}) + "\n")
   metrics_log.flush()
   shown = " ".join(f"{k} {v:.4g}" for k, v in summary.items()
-                   if k in ("loss", "accuracy", "frame_f1", "grad_norm", "steps_per_s", "examples_per_s"))
+                   if k in ("loss", "accuracy", "grad_norm", "steps_per_s", "examples_per_s") or k.endswith("_f1"))
   logging.info("[%s] step %d/%d (%.1f%%) %s", prefix, step, total, 100.0 * step / total, shown)

@@ -1,6 +1,7 @@
 """Audio in, MIDI out, with the trained stages of a workdir.
 
-  python -m hiermt.transcribe --workdir=DIR [--layout=hierarchy|flatten|roll] --output_dir=OUT AUDIO...
+  python -m hiermt.transcribe --workdir=DIR [--layout=hierarchy|flatten|roll] [--checkpoint=best|latest]
+      --output_dir=OUT AUDIO...
 
 AUDIO are files (WAV, FLAC, MP3, OGG; any sample rate, stereo is averaged to
 mono) or folders, whose audio files are all transcribed. Each becomes
@@ -8,6 +9,10 @@ OUT/<stem>.mid: one piano track with velocities and note-offs, written
 atomically. An unreadable file is reported by name and the others are still
 transcribed; the exit status is 1 when any file failed, 2 when the models
 cannot be loaded.
+
+Each stage is read from its best checkpoint (the highest validation note F1
+during training, `hiermt.validation`) unless --checkpoint=latest; a stage
+trained without validation has no best one and its latest is used (logged).
 
 Layouts:
   hierarchy  onset_pitch -> velocity -> offset stages (the paper's method)
@@ -58,6 +63,7 @@ SEGMENT_SAMPLES = int(vocab.SEGMENT_SECONDS * audio_lib.SAMPLE_RATE)
 # A pitch counts as still sounding at a segment start when its frame roll is on there (offset-chain guess).
 _SOUNDING_THRESHOLD = 0.5
 _NOTE_BUCKET = 32
+BATCH_SEGMENTS = 8  # default 10 s segments decoded as one batch
 
 
 def _train_command(stage, workdir):
@@ -76,31 +82,56 @@ def _pow2_at_most(n, cap):
 
 
 class StageModel:
-  """One trained stage: its config, module, variables and jitted encoder / decoding loop."""
+  """One stage: its config, module, variables and jitted encoder / decoding loop.
 
-  def __init__(self, workdir, stage, fixed_tokens=None):
+  `from_workdir` loads a trained stage; training-time validation builds one from
+  the run's config and swaps in the current variables before each pass (the jitted
+  programs take the variables as arguments, so nothing recompiles).
+  """
+
+  def __init__(self, config, variables, step=None, fixed_tokens=None):
+    """Builds the stage `config.stage` of `config` around `variables`.
+
+    Args:
+      config: the stage's config (`configs/base.py`, or its config.json).
+      variables: {"params": ..., "batch_stats": ...} (empty collections dropped), or None
+        to set the `variables` attribute later.
+      step: the training step the variables are from.
+      fixed_tokens: see `load`.
+    """
+    self.config = config
+    self.stage = config.stage
+    self.step = step
+    self.model = transcriber.build_model(config)
+    self.variables = {k: v for k, v in (variables or {}).items() if v}
+    self.frames_per_second = type(self.model.encoder).FRAMES_PER_SECOND
+    self._encode = jax.jit(lambda v, a: self.model.apply(v, a, method=lambda m, x: m.encoder(x, train=False)))
+    if self.stage == "encoder":
+      self._decode = None
+    elif fixed_tokens and self.stage in decode.FREE_STAGES:
+      self._decode = decode.jitted(self.model, self.stage, min(fixed_tokens, config.data.max_tokens),
+                                   stop_at_eos=False)
+    else:
+      self._decode = decode.jitted(self.model, self.stage, config.data.max_tokens)
+
+  @classmethod
+  def from_workdir(cls, workdir, stage, fixed_tokens=None, which="best") -> "StageModel":
+    """The trained stage `stage` of `workdir`, from its best or latest checkpoint (`checkpoint.load_variables`).
+
+    Raises:
+      FileNotFoundError: the stage is not trained, naming the command that trains it.
+    """
     directory = checkpoint.stage_dir(workdir, stage)
     hint = f"Train it first: {_train_command(stage, workdir)}"
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
       raise FileNotFoundError(f"stage {stage!r} is not trained in {workdir} (no {config_path}). {hint}")
     with open(config_path) as f:
-      self.config = ml_collections.ConfigDict(json.load(f))
-    if self.config.stage != stage:
-      raise ValueError(f"{config_path} is for stage {self.config.stage!r}, expected {stage!r}")
-    self.stage = stage
-    self.model = transcriber.build_model(self.config)
-    variables, self.step = checkpoint.load_variables(directory, f"Stage {stage!r} has no checkpoint yet. {hint}")
-    self.variables = {k: v for k, v in variables.items() if v}
-    self.frames_per_second = type(self.model.encoder).FRAMES_PER_SECOND
-    self._encode = jax.jit(lambda v, a: self.model.apply(v, a, method=lambda m, x: m.encoder(x, train=False)))
-    if stage == "encoder":
-      self._decode = None
-    elif fixed_tokens and stage in decode.FREE_STAGES:
-      self._decode = decode.jitted(self.model, stage, min(fixed_tokens, self.config.data.max_tokens),
-                                   stop_at_eos=False)
-    else:
-      self._decode = decode.jitted(self.model, stage, self.config.data.max_tokens)
+      config = ml_collections.ConfigDict(json.load(f))
+    if config.stage != stage:
+      raise ValueError(f"{config_path} is for stage {config.stage!r}, expected {stage!r}")
+    variables, step = checkpoint.load_variables(directory, f"Stage {stage!r} has no checkpoint yet. {hint}", which)
+    return cls(config, variables, step, fixed_tokens)
 
   def encode(self, segments):
     """Encoder outputs (rolls and `features`) of float32 audio [batch, samples], as device arrays."""
@@ -154,8 +185,57 @@ class StageModel:
     return vocab.time_id(np.minimum(start + vocab.PLACEHOLDER_DURATION_STEPS, vocab.SEGMENT_STEPS))
 
 
+class _Reference:
+  """Reference notes standing in for the hierarchy stages a transcriber does not hold.
+
+  Training-time validation scores one stage at a time: the velocity stage, say,
+  answers for the reference's onsets and pitches, and the reference supplies the
+  offsets. The table lists the reference's notes in `vocabulary.encode_segment`'s
+  order (onset, pitch, offset, velocity), the order the stages were trained on.
+  """
+
+  def __init__(self, notes):
+    onset, offset = notes_lib.to_steps(notes)  # int64 [n] each
+    order = np.lexsort((notes.velocity, offset, notes.pitch, onset))
+    pitch = notes.pitch[order].astype(np.int64)
+    self.table = stitch.NoteTable(onset[order] // vocab.SEGMENT_STEPS, onset[order], pitch)
+    self._keys = _note_keys(self.table)  # [n], non-decreasing
+    self._velocity = notes.velocity[order]
+    self._offset = offset[order]
+
+  def _match(self, table):
+    """Reference index of each note of `table` [m]: the k-th note of an (onset step, pitch) takes
+    the reference's k-th note of that key; -1 where the reference has none."""
+    keys = _note_keys(table)  # [m], non-decreasing: tables are in onset, pitch order
+    rank = np.arange(len(keys)) - np.searchsorted(keys, keys, side="left")  # [m]
+    index = np.searchsorted(self._keys, keys, side="left") + rank  # [m]
+    return np.where(index < np.searchsorted(self._keys, keys, side="right"), index, -1)
+
+  def velocities(self, table) -> np.ndarray:
+    """int64 [m]: the reference velocity of each note of `table`, PLACEHOLDER_VELOCITY where it has none."""
+    index = self._match(table)
+    velocity = np.full(len(index), vocab.PLACEHOLDER_VELOCITY, np.int64)
+    velocity[index >= 0] = self._velocity[index[index >= 0]]
+    return velocity
+
+  def offsets(self, table) -> dict:
+    """Note id -> reference offset step for the notes of `table` the reference has (the others end with
+    the audio, as `stitch.piece_notes` ends notes without an offset)."""
+    index = self._match(table)
+    return {i: int(self._offset[j]) for i, j in enumerate(index.tolist()) if j >= 0}
+
+
+def _note_keys(table):
+  """int64 [n]: one number per (onset step, pitch) of a table's notes (MIDI pitches are < 128)."""
+  return table.onset * 128 + table.pitch
+
+
 class NoteTranscriber:
-  """Trained stages of one layout; `transcribe(audio)` -> Notes. Build with `load`."""
+  """Trained stages of one layout; `transcribe(audio)` -> Notes. Build with `load`.
+
+  A hierarchy transcriber may hold only some of its stages when `transcribe` gets
+  reference notes for the others (`given`).
+  """
 
   def __init__(self, layout, stages, batch_segments):
     self.layout = layout
@@ -175,17 +255,27 @@ class NoteTranscriber:
       cache[owner] = self.stages[owner].encode(chunk)
     return cache[owner]
 
-  def transcribe(self, audio, progress=False, name="") -> notes_lib.Notes:
+  def transcribe(self, audio, progress=False, name="", given=None) -> notes_lib.Notes:
     """Notes of a recording.
 
     Args:
       audio: a path (any format `audio.load_audio` reads) or float32 [samples] 16 kHz mono audio.
       progress: show one progress bar per stage.
       name: label of the progress bars (default: the file name).
+      given: reference Notes of the recording that supply what the hierarchy stages this
+        transcriber lacks would decide: onsets and pitches, velocities, offsets (of decoded
+        notes at the same 10 ms step and pitch; PLACEHOLDER_VELOCITY, or an end with the
+        audio, where the reference has no such note). Other layouts hold all their stages
+        and ignore it.
 
     Raises:
       audio.AudioError: the file cannot be decoded.
+      ValueError: a hierarchy stage is missing and `given` is None.
     """
+    missing = [s for s in LAYOUTS[self.layout] if s not in self.stages]
+    if missing and given is None:
+      raise ValueError(f"this {self.layout} transcriber lacks the {', '.join(missing)} stage(s): "
+                       "pass given= reference notes to stand in for them")
     if isinstance(audio, (str, os.PathLike)):
       name = name or os.path.basename(os.fspath(audio))
       audio = audio_lib.load_audio(audio)
@@ -199,9 +289,11 @@ class NoteTranscriber:
     count = -(-len(audio) // SEGMENT_SAMPLES)
     segments = audio_lib.pad_or_crop(audio, count * SEGMENT_SAMPLES).reshape(count, SEGMENT_SAMPLES)
     bars = {s: tqdm.tqdm(total=count, desc=f"{name or 'audio'} [{s}]", unit="seg", disable=not progress,
-                         leave=False) for s in LAYOUTS[self.layout]}
+                         leave=False) for s in self.stages}
     try:
-      run = {"hierarchy": self._hierarchy, "flatten": self._flatten, "roll": self._roll}[self.layout]
+      if self.layout == "hierarchy":
+        return self._hierarchy(segments, duration, bars, given)
+      run = {"flatten": self._flatten, "roll": self._roll}[self.layout]
       return run(segments, duration, bars)
     finally:
       for bar in bars.values():
@@ -217,43 +309,57 @@ class NoteTranscriber:
     batch = _pow2_at_most(rows, self.batch_segments)
     return np.pad(segments, ((0, batch - rows), (0, 0))), rows
 
-  def _hierarchy(self, segments, duration, bars):
-    onset, velocity, offset = (self.stages[s] for s in LAYOUTS["hierarchy"])
-    table = stitch.NoteTable.from_onset_tokens([])
+  def _hierarchy(self, segments, duration, bars, given):
+    onset, velocity, offset = (self.stages.get(s) for s in LAYOUTS["hierarchy"])
+    reference = _Reference(given) if given is not None else None
+    table = stitch.NoteTable.from_onset_tokens([]) if onset is not None else reference.table
     velocities, offsets, carried = [], {}, np.zeros(0, np.int64)
     self.last_chain = []
     for start, stop in self._chunks(len(segments)):
       chunk, rows = self._padded(segments[start:stop])
       ks = range(start, stop)
       encoded = {}
-      tokens = onset.free(self._encoded(chunk, encoded, "onset_pitch")["features"], rows)
-      table = table.extend(stitch.NoteTable.from_onset_tokens(tokens, first_segment=start))
-      bars["onset_pitch"].update(rows)
+      if onset is not None:
+        tokens = onset.free(self._encoded(chunk, encoded, "onset_pitch")["features"], rows)
+        table = table.extend(stitch.NoteTable.from_onset_tokens(tokens, first_segment=start))
+        bars["onset_pitch"].update(rows)
 
-      queries = [(k, table.inside(k), 0) for k in ks]
-      answers = velocity.forced(self._encoded(chunk, encoded, "velocity")["features"], queries, table)
-      velocities += [vocab.id_to_velocity(a) for a in answers]
-      bars["velocity"].update(rows)
+      if velocity is not None:
+        queries = [(k, table.inside(k), 0) for k in ks]
+        answers = velocity.forced(self._encoded(chunk, encoded, "velocity")["features"], queries, table)
+        velocities += [vocab.id_to_velocity(a) for a in answers]
+        bars["velocity"].update(rows)
 
-      out = self._encoded(chunk, encoded, "offset")
-      frame = np.asarray(out["frame"][:rows, :2].mean(axis=1))  # [rows, 88] roll at each segment start
-      guesses = {k: stitch.guess_carried(table, k, 21 + np.flatnonzero(frame[k - start] >= _SOUNDING_THRESHOLD))
-                 for k in ks}
-      features = out["features"]
+      if offset is not None:
+        result = self._offset_chain(offset, self._encoded(chunk, encoded, "offset"), table, start, ks, carried)
+        offsets.update(result.offset)
+        carried = result.carried_out
+        self.last_chain.append((result.rounds, result.decoded_segments, rows))
+        bars["offset"].update(rows)
+    if velocity is None:
+      note_velocity = reference.velocities(table)
+    else:
+      note_velocity = np.concatenate(velocities) if velocities else np.zeros(0, np.int64)
+    if offset is None:
+      offsets = reference.offsets(table)
+    return stitch.piece_notes(table, note_velocity, offsets, duration)
 
-      def decode_rows(queries, features=features, start=start):
-        rows_of = np.array([k - start for k, _, _ in queries])
-        batch = _pow2_at_most(len(rows_of), self.batch_segments)
-        picked = features[np.pad(rows_of, (0, batch - len(rows_of)))]
-        return offset.forced(picked, queries, table)
+  def _offset_chain(self, offset, out, table, start, ks, carried):
+    """Stage 3 of one chunk (segments `ks`, the first carrying in `carried`): `stitch.chain_offsets`
+    with the carried-in lists guessed from the offset stage's frame roll `out`."""
+    rows = len(ks)
+    frame = np.asarray(out["frame"][:rows, :2].mean(axis=1))  # [rows, 88] roll at each segment start
+    guesses = {k: stitch.guess_carried(table, k, 21 + np.flatnonzero(frame[k - start] >= _SOUNDING_THRESHOLD))
+               for k in ks}
+    features = out["features"]
 
-      result = stitch.chain_offsets(table, ks, carried, guesses, decode_rows)
-      offsets.update(result.offset)
-      carried = result.carried_out
-      self.last_chain.append((result.rounds, result.decoded_segments, rows))
-      bars["offset"].update(rows)
-    velocity = np.concatenate(velocities) if velocities else np.zeros(0, np.int64)
-    return stitch.piece_notes(table, velocity, offsets, duration)
+    def decode_rows(queries):
+      rows_of = np.array([k - start for k, _, _ in queries])
+      batch = _pow2_at_most(len(rows_of), self.batch_segments)
+      picked = features[np.pad(rows_of, (0, batch - len(rows_of)))]
+      return offset.forced(picked, queries, table)
+
+    return stitch.chain_offsets(table, ks, carried, guesses, decode_rows)
 
   def _flatten(self, segments, duration, bars):
     stage = self.stages["flatten"]
@@ -320,7 +426,8 @@ def _same_encoder(a: StageModel, b: StageModel) -> bool:
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])))
 
 
-def load(workdir, layout="hierarchy", batch_segments=8, fixed_tokens=None) -> NoteTranscriber:
+def load(workdir, layout="hierarchy", batch_segments=BATCH_SEGMENTS, fixed_tokens=None,
+         which="best") -> NoteTranscriber:
   """The trained stages of `layout` in `workdir`, ready to transcribe.
 
   Args:
@@ -330,6 +437,8 @@ def load(workdir, layout="hierarchy", batch_segments=8, fixed_tokens=None) -> No
     fixed_tokens: benchmarks only: every free-running segment writes exactly
       this many tokens (`<eos>` masked), so timings with untrained weights
       reflect a chosen note density.
+    which: each stage's "best" checkpoint (highest validation score during
+      training; the latest, with a warning, where none has a score) or its "latest".
 
   Raises:
     FileNotFoundError: a stage of the layout is not trained; the message names
@@ -340,7 +449,7 @@ def load(workdir, layout="hierarchy", batch_segments=8, fixed_tokens=None) -> No
   if batch_segments < 1:
     raise ValueError(f"batch_segments must be >= 1, got {batch_segments}")
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  stages = {s: StageModel(workdir, s, fixed_tokens) for s in LAYOUTS[layout]}
+  stages = {s: StageModel.from_workdir(workdir, s, fixed_tokens, which) for s in LAYOUTS[layout]}
   cache = next(iter(stages.values())).config.data.cache_dir
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser(cache), "xla"))
   return NoteTranscriber(layout, stages, batch_segments)
@@ -355,7 +464,10 @@ def _define_flags():
   flags.DEFINE_enum("layout", "hierarchy", list(LAYOUTS),
                     "hierarchy (3 LM stages), flatten (1 LM stage) or roll (the encoder's rolls).")
   flags.DEFINE_string("output_dir", None, "Folder for the MIDI files (OUT/<stem>.mid).")
-  flags.DEFINE_integer("batch_segments", 8, "10 s segments decoded as one batch (memory grows with it).")
+  flags.DEFINE_integer("batch_segments", BATCH_SEGMENTS, "10 s segments decoded as one batch (memory grows with it).")
+  flags.DEFINE_enum("checkpoint", "best", list(checkpoint.CHOICES),
+                    "Each stage's best checkpoint (highest validation note F1 during training; the latest "
+                    "where none was scored) or its latest.")
 
 
 def audio_files(arguments) -> tuple[list[str], list[str]]:
@@ -391,7 +503,7 @@ def main(argv):
     print("transcribe: no audio files found (extensions: " + " ".join(AUDIO_EXTENSIONS) + ")", file=sys.stderr)
     sys.exit(1)
   try:
-    transcriber_ = load(FLAGS.workdir, FLAGS.layout, FLAGS.batch_segments)
+    transcriber_ = load(FLAGS.workdir, FLAGS.layout, FLAGS.batch_segments, which=FLAGS.checkpoint)
   except (FileNotFoundError, ValueError) as e:
     print(f"transcribe: {e}", file=sys.stderr)
     sys.exit(2)

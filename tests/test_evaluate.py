@@ -137,12 +137,15 @@ class _FakeTranscriber:
 
 
 def _fake_transcribe_module(available):
-  def load(workdir, layout="hierarchy"):
+  loaded = []  # (layout, checkpoint choice) of every load
+
+  def load(workdir, layout="hierarchy", which="best"):
     if layout not in available:
       raise FileNotFoundError(f"{workdir}/{layout}: stage not trained; run python -m hiermt.main "
                               f"--config=configs/base.py:{layout} --workdir={workdir}")
+    loaded.append((layout, which))
     return _FakeTranscriber()
-  return types.SimpleNamespace(available_layouts=lambda workdir: list(available), load=load)
+  return types.SimpleNamespace(available_layouts=lambda workdir: list(available), load=load, loaded=loaded)
 
 
 def _use_fake_transcribe(monkeypatch, available):
@@ -150,16 +153,18 @@ def _use_fake_transcribe(monkeypatch, available):
   fake = _fake_transcribe_module(available)
   monkeypatch.setitem(sys.modules, "hiermt.transcribe", fake)
   monkeypatch.setattr(hiermt, "transcribe", fake, raising=False)
+  return fake
 
 
 def test_model_layouts_report(monkeypatch, capsys, corpus, tmp_path):
-  _use_fake_transcribe(monkeypatch, ["hierarchy", "roll"])
+  fake = _use_fake_transcribe(monkeypatch, ["hierarchy", "roll"])
   data_dir, _ = corpus
   workdir = tmp_path / "run"
   workdir.mkdir()
   results = evaluate.run(evaluate.Options(data_dir=str(data_dir), workdir=str(workdir), plot_seconds=2.0))
 
   assert list(results) == ["roll", "hierarchy"]  # Table I order, only the trained layouts
+  assert fake.loaded == [("roll", "best"), ("hierarchy", "best")]  # each stage's best checkpoint by default
   table = capsys.readouterr().out.splitlines()
   # Piece a is transcribed perfectly, piece b (transcribed as piece a) not at all: means 0.5.
   assert table[2].split() == ["Roll", "2"] + ["0.500"] * 6
@@ -171,6 +176,10 @@ def test_model_layouts_report(monkeypatch, capsys, corpus, tmp_path):
   for layout in ("roll", "hierarchy"):
     assert (out / f"per_piece_{layout}.csv").exists()
     assert sorted(p.name for p in (out / "plots" / layout).iterdir()) == ["a.png", "b.png"]
+  assert report["checkpoint"] == "best"
+  evaluate.run(evaluate.Options(data_dir=str(data_dir), workdir=str(workdir), layout="roll", checkpoint="latest",
+                                output_dir=str(tmp_path / "latest"), plot_seconds=0.0))
+  assert fake.loaded[-1] == ("roll", "latest")
 
 
 def test_model_layout_errors(monkeypatch, corpus, tmp_path):

@@ -139,12 +139,17 @@ def test_encoder_run_logs_checkpoints_and_evaluates(encoder_run):
   _, workdir, losses, _ = encoder_run
   assert sorted(losses) == [2, 3] and all(np.isfinite(v) for v in losses.values())
   stage = pathlib.Path(workdir) / "encoder"
-  assert sorted(int(p.name) for p in (stage / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+  # Every validated step is saved with its score (checkpoint_every is 2): the last 3 are kept.
+  assert sorted(int(p.name) for p in (stage / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 3]
   assert json.loads((stage / "config.json").read_text())["stage"] == "encoder"
   assert list((stage / "tensorboard").glob("events.out.tfevents.*"))
   evals = _rows(workdir, "encoder", "eval")
   assert [r["step"] for r in evals] == [1, 2, 3]  # every eval_every, whatever log_every says
-  assert 0.0 <= evals[-1]["frame_f1"] <= 1.0
+  # Teacher-forced frame F1 and the Roll decoding's note F1 of a transcribed validation piece.
+  for key in ("frame_f1", "onset_f1", "onset_offset_f1", "onset_offset_velocity_f1"):
+    assert 0.0 <= evals[-1][key] <= 1.0
+  best = checkpoint.choose(str(stage), "best")
+  assert best.kind == "best" and best.score == max(r["onset_offset_velocity_f1"] for r in evals)
 
 
 def test_one_device_matches_eight(encoder_run, tmp_path):
@@ -221,6 +226,7 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_run(encoder_run, lm_r
   assert restarted.wait(timeout=600) == 0, restarted.output()[-3000:]
   out = restarted.output()
   assert "from step 2" in out  # resumed from the checkpoint, not from a finished run
+  assert "compiling the train step" in out
   assert "host allocator: tcmalloc" in out  # main re-ran itself under tcmalloc (same pid, so SIGKILL hit it)
   _assert_same_losses(_losses(tmp_path, "onset_pitch"), want)
 
@@ -326,6 +332,7 @@ for n in (1, 16, 32):
   config.data.segment_seconds = 1.0
   config.train.steps = 1
   config.train.eval_batches = 0
+  config.train.eval_pieces = 0
   state = train.run(config, f"{workdir}/{n}", devices=jax.devices()[:n])
   rows = [json.loads(l) for l in open(f"{workdir}/{n}/encoder/metrics.jsonl")]
   batch = json.load(open(f"{workdir}/{n}/encoder/config.json"))["train"]["batch_size"]
