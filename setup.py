@@ -27,6 +27,7 @@ setuptools.setup(
         "tqdm",
         "matplotlib",
         "music21",
+        "mido",
     ],
-    extras_require={"test": ["pytest>=9"]},
+    extras_require={"test": ["pytest>=9", "pytest-xdist>=3.8"]},
 )

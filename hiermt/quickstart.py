@@ -1,0 +1,268 @@
+"""From a fresh machine to trained models, transcriptions and a Table-I results table.
+
+  python -m hiermt.quickstart [--workdir=runs/quickstart] [--minutes=20] [--encoder=crnn|hppnet]
+
+Renders a MAESTRO-layout corpus (plus its test split again with a timbre and
+room that training never hears, CORPUS/heldout), trains the five stages
+(encoder, onset_pitch, velocity, offset, flatten) at a CPU size, each under its
+share of the `--minutes` wall-clock budget, then transcribes and scores the
+test split with every layout (Roll / Flatten / Hierarchy) and prints the table.
+
+Every step is an ordinary hiermt command, printed before it runs, so any of
+them can be re-run by hand. Re-running the quickstart resumes: stages that
+finished are skipped, an interrupted stage continues from its checkpoint, a
+finished evaluation is only printed again.
+
+Presets (`--preset`): `cpu` (default) is the CPU recipe; `smoke` runs the same
+chain with the seconds-long `runlocal` configs (what CI runs).
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from hiermt import evaluate
+from hiermt.data import synth
+from hiermt import transcribe
+
+STAGES = ("encoder", "onset_pitch", "velocity", "offset", "flatten")
+# A stage stopped by its time budget (SIGTERM) saves a checkpoint and exits with this
+# status (hiermt.train.PREEMPTED_EXIT_CODE, not imported: it would load JAX here).
+_STOPPED = 75
+_DONE_MARK = "quickstart.done"
+
+# The paper's Table I on MAESTRO v3 test (On / On-Off / On-Off-Vel F1), for comparison only.
+PAPER_RESULTS = {
+    ("hppnet", "roll"): (0.971, 0.822, 0.810),
+    ("hppnet", "flatten"): (0.950, 0.390, 0.382),
+    ("hppnet", "hierarchy"): (0.971, 0.852, 0.832),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """What the quickstart trains: config options, overrides and how it spends its budget.
+
+  Attributes:
+    options: appended to `configs/base.py:STAGE,encoder=E` (size, runlocal, ...).
+    overrides: --config.KEY=VALUE flags for every stage.
+    stage_overrides: extra flags per stage.
+    corpus_minutes: audio rendered for the corpus.
+    shares: fraction of the training budget per stage (they sum to 1).
+    eval_flags: extra flags of `hiermt.evaluate`.
+  """
+  options: str
+  overrides: dict
+  stage_overrides: dict
+  corpus_minutes: float
+  shares: dict
+  eval_flags: tuple = ()
+
+
+# The CPU recipe. Why these values: docs/design.md, "Quickstart and the CPU recipe". Measured
+# on the 2-core machine: the CRNN at width 1/8 takes 1.75 s per step on 4 crops of 4 s (width
+# 1/4 on 8 crops of 10 s: 59 s); an LM step of the micro decoder on 8 segments over the frozen
+# encoder 3-4 s. Step counts are left to the time budget.
+PRESETS = {
+    "cpu": Preset(
+        options="size=micro",
+        overrides={"train.steps": 1_000_000, "train.log_every": 10, "train.checkpoint_every": 100,
+                   "train.eval_every": 200, "train.eval_batches": 1, "train.eval_pieces": 1,
+                   "train.eval_seconds": 20.0, "train.batch_size": 4, "train.lr": 1e-3,
+                   "train.warmup_steps": 20, "decoder.prefix_pool": 4, "freeze_encoder": True,
+                   "data.worker_count": 1, "data.max_tokens": 768},
+        # The encoder is convolutional and recurrent: 4 s crops train it at 2.5x less cost per
+        # crop than the 10 s segments the decoder needs.
+        stage_overrides={"encoder": {"data.segment_seconds": 4.0, "train.warmup_steps": 0},
+                         "onset_pitch": {"data.max_tokens": 512},
+                         "flatten": {"data.max_tokens": 1024}},
+        corpus_minutes=45.0,
+        shares={"encoder": 0.4, "onset_pitch": 0.2, "velocity": 0.1, "offset": 0.1, "flatten": 0.2}),
+    "smoke": Preset(
+        options="runlocal", overrides={"freeze_encoder": True}, stage_overrides={}, corpus_minutes=3.0,
+        shares={s: 0.2 for s in STAGES}, eval_flags=("--max_pieces=1", "--plot_seconds=0")),
+}
+# Of the --minutes budget, what corpus rendering and evaluation are expected to take (measured
+# for the cpu preset on the 2-core machine; the rest is split between the stages).
+_OVERHEAD_SHARE = 0.2
+
+
+def _encoder_width(encoder):
+  # Full widths cost 256 (CRNN) and 134 (HPPNet) GFLOPs per 10 s forward: minutes per
+  # step on two cores.
+  return {"crnn": 0.125, "hppnet": 0.25}[encoder]
+
+
+def stage_command(python, stage, encoder, preset, workdir, data_dir):
+  """The `hiermt.main` command that trains `stage` for the quickstart."""
+  overrides = dict(preset.overrides)
+  if preset.options != "runlocal":
+    overrides["encoder.width"] = _encoder_width(encoder)
+  overrides.update(preset.stage_overrides.get(stage, {}))
+  overrides["data.data_dir"] = data_dir
+  return ([python, "-m", "hiermt.main", f"--config=configs/base.py:{stage},encoder={encoder},{preset.options}",
+           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
+def _show(cmd):
+  shown = [os.path.relpath(c) if c == sys.executable else c for c in cmd]
+  print("$ " + " ".join(shown), flush=True)
+
+
+def run_with_budget(cmd, seconds):
+  """Runs `cmd`; after `seconds` sends it SIGTERM (it saves a checkpoint and exits 75).
+
+  Returns:
+    (exit status, True when the budget stopped it).
+  """
+  _show(cmd)
+  process = subprocess.Popen(cmd)
+  try:
+    process.wait(timeout=max(1.0, seconds))
+    return process.returncode, False
+  except subprocess.TimeoutExpired:
+    print(f"quickstart: time budget of {seconds / 60:.1f} min reached; stopping at the next step "
+          "(a checkpoint is saved)", flush=True)
+    process.send_signal(signal.SIGTERM)
+    return process.wait(), True
+  except KeyboardInterrupt:
+    process.send_signal(signal.SIGTERM)
+    process.wait()
+    raise
+
+
+def train_stage(python, stage, encoder, preset, workdir, data_dir, seconds):
+  """Trains one stage within `seconds` unless an earlier quickstart run finished it."""
+  mark = os.path.join(workdir, stage, _DONE_MARK)
+  if os.path.exists(mark):
+    with open(mark) as f:
+      print(f"quickstart: {stage} already trained ({f.read().strip()}); skipping", flush=True)
+    return
+  started = time.time()
+  status, stopped = run_with_budget(stage_command(python, stage, encoder, preset, workdir, data_dir), seconds)
+  if status not in (0, _STOPPED) or (status == _STOPPED and not stopped):
+    raise SystemExit(f"quickstart: training {stage} failed (exit status {status}); fix the error above "
+                     "and run the quickstart again: it resumes from the last checkpoint")
+  with open(mark, "w") as f:
+    f.write(f"{'stopped by its time budget' if stopped else 'trained to train.steps'} "
+            f"after {time.time() - started:.0f} s")
+
+
+def count_params(workdir):
+  """Parameters each layout transcribes with: {layout: count} (a shared encoder counted once)."""
+  from hiermt import checkpoint  # pylint: disable=g-import-not-at-top  (loads JAX)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def sizes(stage):
+    variables, _ = checkpoint.load_variables(checkpoint.stage_dir(workdir, stage), "")
+    params = variables["params"]
+    total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    encoder = sum(x.size for x in jax.tree_util.tree_leaves(params.get("encoder", {})))
+    with open(os.path.join(checkpoint.stage_dir(workdir, stage), "config.json")) as f:
+      frozen = json.load(f).get("freeze_encoder", False)
+    return total, encoder, frozen
+
+  counts = {}
+  for layout, stages in transcribe.LAYOUTS.items():
+    per_stage = [sizes(s) for s in stages]
+    decoders = sum(total - encoder for total, encoder, _ in per_stage)
+    shared = all(frozen for _, _, frozen in per_stage)
+    encoders = per_stage[0][1] if shared else sum(encoder for _, encoder, _ in per_stage)
+    counts[layout] = decoders + encoders
+  return counts
+
+
+def run_evaluation(python, workdir, data_dir, name, preset):
+  """Scores the test split of `data_dir` with every layout into WORKDIR/eval/NAME (once)."""
+  output_dir = os.path.join(workdir, "eval", name)
+  report = os.path.join(output_dir, evaluate.METRICS_FILE)
+  if not os.path.exists(report):
+    cmd = [python, "-m", "hiermt.evaluate", f"--workdir={workdir}", f"--data_dir={data_dir}", "--split=test",
+           f"--output_dir={output_dir}", *preset.eval_flags]
+    _show(cmd)
+    status = subprocess.run(cmd, check=False).returncode
+    if status != 0:
+      raise SystemExit(f"quickstart: evaluation on {data_dir} failed (exit status {status})")
+  with open(report) as f:
+    return json.load(f)["layouts"]
+
+
+def results_table(encoder, params, seen, heldout):
+  """Table I: one row per layout, params, then seen-timbre and held-out-timbre note F1s."""
+  keys = ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1")
+  headers = ["encoder", "layout", "params", "seen On", "On-Off", "On-Off-Vel", "held-out On", "On-Off",
+             "On-Off-Vel", "paper (MAESTRO) On / On-Off / On-Off-Vel"]
+  rows = []
+  for layout in ("roll", "flatten", "hierarchy"):
+    if layout not in seen:
+      continue
+    paper = PAPER_RESULTS.get(("hppnet", layout))
+    rows.append([encoder, evaluate.DISPLAY_NAMES[layout], f"{params[layout] / 1e6:.2f} M"]
+                + [f"{seen[layout]['mean'][k]:.3f}" for k in keys]
+                + [f"{heldout[layout]['mean'][k]:.3f}" if layout in heldout else "-" for k in keys]
+                + [" / ".join(f"{v:.3f}" for v in paper) + " (HPPNet)" if paper else "-"])
+  widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
+  fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+  return "\n".join([fmt(headers), "-" * len(fmt(headers))] + [fmt(r) for r in rows])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # the stage commands below log their own progress
+  args = flags.FLAGS
+  preset = PRESETS[args.preset]
+  workdir = os.path.abspath(args.workdir)
+  data_dir = os.path.abspath(args.data_dir or os.path.join(workdir, "corpus"))
+  python = sys.executable
+  os.makedirs(workdir, exist_ok=True)
+  started = time.time()
+  budget = args.minutes * 60.0
+
+  print(f"quickstart: {args.minutes:g} min budget, encoder {args.encoder}, preset {args.preset}, "
+        f"workdir {workdir}", flush=True)
+  if not args.data_dir:
+    corpus = [python, "-m", "hiermt.data.synth", f"--output_dir={data_dir}",
+              f"--minutes={preset.corpus_minutes:g}"]
+    _show(corpus)
+    subprocess.run(corpus, check=True)
+
+  training = budget * (1.0 - _OVERHEAD_SHARE) - (time.time() - started)
+  for stage in STAGES:
+    train_stage(python, stage, args.encoder, preset, workdir, data_dir, training * preset.shares[stage])
+
+  seen = run_evaluation(python, workdir, data_dir, "test", preset)
+  heldout_dir = os.path.join(data_dir, synth.HELDOUT_DIR)
+  heldout = run_evaluation(python, workdir, heldout_dir, "heldout", preset) if os.path.isdir(heldout_dir) else {}
+  table = results_table(args.encoder, count_params(workdir), seen, heldout)
+  with open(os.path.join(workdir, "results.txt"), "w") as f:
+    f.write(table + "\n")
+  print("\n" + table)
+  print(f"\nquickstart finished in {(time.time() - started) / 60:.1f} min. Checkpoints: {workdir}/STAGE; "
+        f"reports: {workdir}/eval/{{test,heldout}}; this table: {workdir}/results.txt\n"
+        "Transcribe your own recordings with the trained models:\n"
+        f"  .venv/bin/python -m hiermt.transcribe --workdir={workdir} --output_dir=out my_recording.wav\n"
+        f"  .venv/bin/python -m hiermt.transcribe --workdir={workdir} --layout=roll --output_dir=out_roll "
+        "my_recording.wav")
+
+
+def _define_flags():
+  """Flags; defined only when run as a script, so importing this module claims no flag names."""
+  flags.DEFINE_string("workdir", "runs/quickstart", "Where the corpus, checkpoints and reports go.")
+  flags.DEFINE_float("minutes", 20.0, "Wall-clock budget for the whole run, in minutes.", lower_bound=1.0)
+  flags.DEFINE_enum("encoder", "crnn", ["crnn", "hppnet"], "Roll-based encoder to pretrain.")
+  flags.DEFINE_enum("preset", "cpu", list(PRESETS), "cpu: the CPU recipe; smoke: runlocal configs (CI).")
+  flags.DEFINE_string("data_dir", "", "An existing MAESTRO-layout corpus to use instead of rendering one.")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,78 @@
+"""The quickstart: budgeted stage runs, resumption, its commands and its results table."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+from hiermt import quickstart
+
+
+def test_stage_command_is_an_ordinary_training_command():
+  cmd = quickstart.stage_command("py", "velocity", "hppnet", quickstart.PRESETS["cpu"], "/w", "/c")
+  assert cmd[:5] == ["py", "-m", "hiermt.main", "--config=configs/base.py:velocity,encoder=hppnet,size=micro",
+                     "--workdir=/w"]
+  flags = dict(f.removeprefix("--config.").split("=", 1) for f in cmd[5:])
+  assert flags["encoder.width"] == "0.25" and flags["data.data_dir"] == "/c" and flags["freeze_encoder"] == "True"
+  crnn = quickstart.stage_command("py", "onset_pitch", "crnn", quickstart.PRESETS["cpu"], "/w", "/c")
+  crnn_flags = dict(f.removeprefix("--config.").split("=", 1) for f in crnn[5:])
+  # the per-stage override wins over the preset-wide one
+  assert crnn_flags["encoder.width"] == "0.125" and crnn_flags["data.max_tokens"] == "512"
+  assert "--config.data.segment_seconds=4.0" not in crnn
+  encoder = quickstart.stage_command("py", "encoder", "crnn", quickstart.PRESETS["cpu"], "/w", "/c")
+  assert "--config.data.segment_seconds=4.0" in encoder and "--config.train.warmup_steps=0" in encoder
+  assert abs(sum(quickstart.PRESETS["cpu"].shares.values()) - 1.0) < 1e-9
+
+
+def test_budget_stops_a_stage_with_sigterm(tmp_path):
+  # A stand-in trainer: saves (writes a file) and exits 75 on SIGTERM, like hiermt.main.
+  script = tmp_path / "trainer.py"
+  script.write_text(textwrap.dedent("""
+      import signal, sys, time
+      def stop(*_):
+        open(sys.argv[1], "w").write("saved")
+        sys.exit(75)
+      signal.signal(signal.SIGTERM, stop)
+      print("ready", flush=True)
+      time.sleep(60)
+  """))
+  started = time.time()
+  status, stopped = quickstart.run_with_budget([sys.executable, str(script), str(tmp_path / "ckpt")], 2.0)
+  assert (status, stopped) == (75, True) and time.time() - started < 30
+  assert (tmp_path / "ckpt").read_text() == "saved"
+  assert quickstart.run_with_budget([sys.executable, "-c", "pass"], 30.0) == (0, False)
+
+
+def test_results_table_rows_and_columns():
+  def report(on, onoff, vel):
+    return {"mean": {"onset_f1": on, "onset_offset_f1": onoff, "onset_offset_velocity_f1": vel}}
+  seen = {"roll": report(0.9, 0.8, 0.7), "hierarchy": report(0.95, 0.85, 0.75)}
+  heldout = {"roll": report(0.5, 0.4, 0.3)}
+  table = quickstart.results_table("crnn", {"roll": 1_500_000, "hierarchy": 2_250_000}, seen, heldout)
+  lines = table.splitlines()
+  assert len(lines) == 4 and "held-out On" in lines[0]
+  assert lines[2].split()[:10] == ["crnn", "Roll", "1.50", "M", "0.900", "0.800", "0.700", "0.500", "0.400", "0.300"]
+  assert lines[3].split()[:10] == ["crnn", "Hierarchy", "2.25", "M", "0.950", "0.850", "0.750", "-", "-", "-"]
+  assert "0.971 / 0.852 / 0.832 (HPPNet)" in lines[3]
+
+
+def test_smoke_quickstart_end_to_end_and_resume(tmp_path):
+  """The chain CI runs: corpus, five stages, evaluation of both corpora, the table; a re-run resumes."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+             HIERMT_TCMALLOC="0")
+  cmd = [sys.executable, "-m", "hiermt.quickstart", "--preset=smoke", f"--workdir={tmp_path}", "--minutes=30"]
+  first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  table = (tmp_path / "results.txt").read_text().splitlines()
+  assert [row.split()[1] for row in table[2:]] == ["Roll", "Flatten", "Hierarchy"]
+  for row in table[2:]:
+    scores = [float(x) for x in row.split()[4:10]]  # seen and held-out On / On-Off / On-Off-Vel
+    assert all(0.0 <= s <= 1.0 for s in scores)
+  assert "hiermt.transcribe --workdir=" in first.stdout
+  for stage in quickstart.STAGES:
+    assert (tmp_path / stage / "quickstart.done").exists()
+  second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert second.stdout.count("already trained") == 5
+  commands = [line for line in second.stdout.splitlines() if line.startswith("$ ")]
+  assert len(commands) == 1 and "hiermt.data.synth" in commands[0]  # only the (up-to-date) corpus check
