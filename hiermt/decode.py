@@ -133,6 +133,12 @@ def _pick(logits: jax.Array, allowed: jax.Array) -> jax.Array:
   return jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(jnp.int32)
 
 
+def _free_allowed(stage: str, state: GrammarState, stop_at_eos: bool) -> jax.Array:
+  """bool [batch, vocab]: the grammar of a free stage, with `<eos>` banned unless `stop_at_eos`."""
+  allowed = allowed_tokens(stage, state)
+  return allowed if stop_at_eos else allowed.at[:, vocab.EOS].set(False)
+
+
 def _answer_state(on_tokens):
   """Grammar state at the answer slot of notes whose onset tokens are `on_tokens` [batch]."""
   state = GrammarState.start(on_tokens.shape[0])
@@ -160,7 +166,7 @@ def free_run(model, stage: str, max_len: int, params, features, stop_at_eos: boo
   Args:
     model: the stage's `Transcriber` (its decoder's max_len >= `max_len`).
     stage: "onset_pitch" or "flatten".
-    max_len: tokens per sequence, `<sos> <task>` and `<eos>` included.
+    max_len: tokens per sequence, `<sos> <task>` and `<eos>` included (> 2).
     params: the stage's parameters.
     features: encoder features [batch, frames, d_enc].
     stop_at_eos: False masks `<eos>`, so every row writes exactly `max_len`
@@ -172,30 +178,33 @@ def free_run(model, stage: str, max_len: int, params, features, stop_at_eos: boo
   """
   if stage not in FREE_STAGES:
     raise ValueError(f"free_run decodes {FREE_STAGES}, not {stage!r}")
+  if max_len < 3:
+    raise ValueError(f"max_len={max_len} leaves no room for a token after <sos> <task>")
   batch = features.shape[0]
   prompt = _prompt(stage, batch)
-  logits, cache = _decode_call(model, params, model.init_cache(features), prompt, features)
   tokens = jnp.full((batch, max_len), vocab.PAD, jnp.int32).at[:, :2].set(prompt)
 
+  def write(position, logits, tokens, state, done):
+    """Picks every row's token at `position` (PAD once a row is done) from the previous token's logits."""
+    token = jnp.where(done, vocab.PAD, _pick(logits, _free_allowed(stage, state, stop_at_eos)))  # [batch]
+    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, position))
+    return tokens, advance(stage, state, token), done | (token == vocab.EOS)
+
   def cond(carry):
-    position, _, _, _, _, done = carry
-    return (position < max_len) & ~jnp.all(done)
+    position, _, _, _, done = carry
+    return (position + 1 < max_len) & ~jnp.all(done)
 
   def body(carry):
-    position, tokens, logits, cache, state, done = carry
-    allowed = allowed_tokens(stage, state)
-    if not stop_at_eos:
-      allowed = allowed.at[:, vocab.EOS].set(False)
-    token = jnp.where(done, vocab.PAD, _pick(logits, allowed))  # [batch]
-    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, position))
-    state = advance(stage, state, token)
-    done = done | (token == vocab.EOS)
-    logits, cache = _decode_call(model, params, cache, token[:, None])
-    return position + 1, tokens, logits[:, -1], cache, state, done
+    # The token written last goes in, the one after it comes out: no call is spent on the final token.
+    position, tokens, cache, state, done = carry
+    last = jax.lax.dynamic_slice_in_dim(tokens, position, 1, axis=1)  # [batch, 1]
+    logits, cache = _decode_call(model, params, cache, last)
+    tokens, state, done = write(position + 1, logits[:, -1], tokens, state, done)
+    return position + 1, tokens, cache, state, done
 
-  carry = (jnp.asarray(2, jnp.int32), tokens, logits[:, -1], cache, GrammarState.start(batch),
-           jnp.zeros((batch,), bool))
-  return jax.lax.while_loop(cond, body, carry)[1]
+  logits, cache = _decode_call(model, params, model.init_cache(features), prompt, features)
+  tokens, state, done = write(2, logits[:, -1], tokens, GrammarState.start(batch), jnp.zeros((batch,), bool))
+  return jax.lax.while_loop(cond, body, (jnp.asarray(2, jnp.int32), tokens, cache, state, done))[1]
 
 
 def forced_run(model, stage: str, params, features, on_tokens, pitch_tokens, num_notes):
@@ -217,44 +226,38 @@ def forced_run(model, stage: str, params, features, on_tokens, pitch_tokens, num
   if stage not in FORCED_STAGES:
     raise ValueError(f"forced_run decodes {FORCED_STAGES}, not {stage!r}")
   batch, notes = on_tokens.shape
-  prompt = jnp.concatenate([_prompt(stage, batch), on_tokens[:, :1], pitch_tokens[:, :1]], axis=1)  # [batch, 4]
-  logits, cache = _decode_call(model, params, model.init_cache(features), prompt, features)
-  answers = jnp.full((batch, notes), vocab.PAD, jnp.int32)
-  last = jnp.max(num_notes)
+  note = lambda tokens, i: jax.lax.dynamic_index_in_dim(tokens, i, axis=1, keepdims=False)  # noqa: E731  [batch]
 
-  def cond(carry):
-    return carry[0] < last
+  def write(i, logits, answers):
+    """Picks every row's answer to note `i` (PAD past its notes) from the logits after its pitch token."""
+    answer = _pick(logits, allowed_tokens(stage, _answer_state(note(on_tokens, i))))  # [batch]
+    answer = jnp.where(i < num_notes, answer, vocab.PAD)
+    return jax.lax.dynamic_update_slice(answers, answer[:, None], (0, i))
 
   def body(carry):
-    i, answers, logits, cache = carry
-    on = jax.lax.dynamic_index_in_dim(on_tokens, i, axis=1, keepdims=False)  # [batch]
-    answer = _pick(logits, allowed_tokens(stage, _answer_state(on)))
-    answer = jnp.where(i < num_notes, answer, vocab.PAD)
-    answers = jax.lax.dynamic_update_slice(answers, answer[:, None], (0, i))
-    # The next chunk: this answer, then the next note's known tokens.
-    nxt = jnp.minimum(i + 1, notes - 1)
-    chunk = jnp.stack([answer, jax.lax.dynamic_index_in_dim(on_tokens, nxt, 1, False),
-                       jax.lax.dynamic_index_in_dim(pitch_tokens, nxt, 1, False)], axis=1)  # [batch, 3]
-    def feed():
-      new_logits, new_cache = _decode_call(model, params, cache, chunk)
-      return new_logits[:, -1], new_cache
+    # Note i's chunk: the previous answer, then its known tokens. The last answer costs no further call.
+    i, answers, cache = carry
+    chunk = jnp.stack([note(answers, i - 1), note(on_tokens, i), note(pitch_tokens, i)], axis=1)  # [batch, 3]
+    logits, cache = _decode_call(model, params, cache, chunk)
+    return i + 1, write(i, logits[:, -1], answers), cache
 
-    # The last answer needs no further call.
-    logits, cache = jax.lax.cond(i + 1 < last, feed, lambda: (logits, cache))
-    return i + 1, answers, logits, cache
-
-  return jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), answers, logits[:, -1], cache))[1]
+  prompt = jnp.concatenate([_prompt(stage, batch), on_tokens[:, :1], pitch_tokens[:, :1]], axis=1)  # [batch, 4]
+  logits, cache = _decode_call(model, params, model.init_cache(features), prompt, features)
+  answers = write(0, logits[:, -1], jnp.full((batch, notes), vocab.PAD, jnp.int32))
+  last = jnp.max(num_notes)
+  return jax.lax.while_loop(lambda carry: carry[0] < last, body, (jnp.asarray(1, jnp.int32), answers, cache))[1]
 
 
 # ----------------------------------------------------------------------------
 # The official strategy (reference and benchmark baseline)
 # ----------------------------------------------------------------------------
 def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pitch_tokens=None,
-                    num_notes=None):
+                    num_notes=None, stop_at_eos: bool = True):
   """Greedy decoding by full recompute: one segment at a time, every step re-runs the whole sequence.
 
   Same arguments and results as `free_run` / `forced_run` (numpy in, numpy
   out); forced stages run one forward pass per note, as the official code.
+  Forward passes are compiled once per model and sequence length.
   """
   forward = _uncached_forward(model)
   features = np.asarray(features)
@@ -265,7 +268,7 @@ def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pit
       state = GrammarState.start(1)
       while len(sequence) < max_len:
         logits = forward(params, jnp.asarray([sequence], jnp.int32), features[b:b + 1])
-        token = _pick(logits, allowed_tokens(stage, state))
+        token = _pick(logits, _free_allowed(stage, state, stop_at_eos))
         sequence.append(int(token[0]))
         state = advance(stage, state, token)
         if sequence[-1] == vocab.EOS:
@@ -284,6 +287,7 @@ def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pit
   return out
 
 
+@functools.cache
 def _uncached_forward(model):
   """jitted (params, tokens [1, n], features [1, frames, d]) -> logits [1, vocab] of the last token."""
 

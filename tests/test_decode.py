@@ -58,6 +58,17 @@ def test_free_run_equals_full_recompute(stage, conditioning):
     _check_grammar(stage, row)
 
 
+def test_banning_eos_fills_every_row_in_both_strategies():
+  model, params, features = _model("onset_pitch", "cross")
+  max_len = 12
+  cached = np.asarray(decode.jitted(model, "onset_pitch", max_len, stop_at_eos=False)(params, features))
+  reference = decode.decode_uncached(model, "onset_pitch", max_len, params, features, stop_at_eos=False)
+  np.testing.assert_array_equal(cached, reference)
+  assert not np.any(cached == vocab.EOS) and not np.any(cached == vocab.PAD)
+  with pytest.raises(ValueError, match="no room"):
+    decode.free_run(model, "onset_pitch", 2, params, features)
+
+
 @pytest.mark.parametrize("conditioning", ["prefix", "cross"])
 @pytest.mark.parametrize("stage", ["velocity", "offset"])
 def test_forced_run_equals_full_recompute(stage, conditioning):

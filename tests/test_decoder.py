@@ -9,6 +9,7 @@ import pytest
 
 from configs import base
 from hiermt import vocabulary
+from hiermt.models import attention
 from hiermt.models import decoder as dec
 
 VOCAB = vocabulary.VOCAB_SIZE
@@ -59,6 +60,47 @@ def test_cached_decoding_matches_full_forward(conditioning, chunks):
   tokens, audio = _inputs()
   cached = _decode_in_chunks(conditioning, tokens, audio, chunks)
   np.testing.assert_allclose(cached, forward(params, tokens, audio), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_matches_full_forward_across_cache_chunks():
+  # A prefix of 2 * KEY_CHUNK - 5 frames puts the tokens at slots around the end of the second chunk, so
+  # later calls read three chunks and one multi-token call straddles a chunk boundary.
+  model = _model("prefix", prefix_pool=1)
+  tokens, audio = _inputs(frames=2 * attention.KEY_CHUNK - 5)
+  params = jax.jit(model.init)(jax.random.key(1), tokens, audio)["params"]
+  step = jax.jit(lambda p, cache, t, a: model.apply({"params": p, "cache": cache}, t, a, decode=True,
+                                                   mutable=["cache"]))
+  cache = model.init_cache(audio)
+  assert cache["block_0"]["self_attn"]["cached_key"].shape[-1] == 3 * attention.KEY_CHUNK
+  out, start = [], 0
+  for i, size in enumerate([2, 1, 1, 4, 4]):
+    logits, mutated = step(params, cache, tokens[:, start:start + size], audio if i == 0 else None)
+    cache, start = mutated["cache"], start + size
+    out.append(logits)
+  full = jax.jit(model.apply)({"params": params}, tokens, audio)
+  np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_attend_cache_reads_only_written_slots(queries):
+  batch, slots, heads, head_dim = 2, 32, 3, 8
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(kq, (batch, queries, heads, head_dim))
+  k = jax.random.normal(kk, (batch, slots, heads, head_dim))
+  v = jax.random.normal(kv, (batch, slots, heads, head_dim))
+  # Without positions every query sees every slot (cross-attention).
+  np.testing.assert_allclose(attention.attend_cache(q, attention.key_cache(k), attention.value_cache(v)),
+                             jax.nn.dot_product_attention(q, k, v), atol=1e-5)
+  positions = jnp.arange(14 - queries, 14)  # the last query at slot 13, in the second of four 8-slot chunks
+  visible = jnp.arange(slots)[None, :] <= positions[:, None]  # [queries, slots]
+  want = jax.nn.dot_product_attention(q, k, v, mask=visible[None, None])
+  # Unwritten slots: masked in the chunk being filled, never read after it (NaN would show).
+  slot = jnp.arange(slots)[None, :, None, None]
+  k, v = (jnp.where(slot >= 16, jnp.nan, jnp.where(slot > 13, 1e4, x)) for x in (k, v))
+  got = attention.attend_cache(q, attention.key_cache(k), attention.value_cache(v), positions, key_chunk=8)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  with pytest.raises(ValueError, match="whole number"):
+    attention.attend_cache(q, attention.key_cache(k), attention.value_cache(v), positions, key_chunk=12)
 
 
 @pytest.mark.parametrize("conditioning", ["prefix", "cross"])

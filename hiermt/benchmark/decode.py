@@ -15,13 +15,11 @@ Strategies, each per stage, with `hierarchy` = the sum of the three stages:
   jax_uncached    `hiermt.decode.decode_uncached`, the official code's strategy
                   in JAX with the same model and parameters: every token
                   re-runs the whole sequence, one forward pass per note in
-                  stages 2-3, one segment after another (with `<eos>` banned
-                  and its forward pass compiled once per model for the
-                  benchmark: `_uncached_as_benchmarked`). Segment 0 is run
-                  twice (the first run compiles a forward pass per sequence
-                  length) and the second run timed; segments are independent
-                  and sequential in this strategy, so the piece costs
-                  `segments` x that (the JSON says so per stage).
+                  stages 2-3, one segment after another, with `<eos>` banned.
+                  Segment 0 is run twice (the first run compiles a forward
+                  pass per sequence length) and the second run timed; segments
+                  are independent and sequential in this strategy, so the
+                  piece costs `segments` x that (the JSON says so per stage).
   official_torch  the official PyTorch generation loops (official.py), cross
                   conditioning only (the official model), one call timed and
                   multiplied by the calls a piece needs (stage 1 decodes 15
@@ -33,12 +31,10 @@ is then measured at those counts as well, so every ratio compares equal work
 and nothing is extrapolated.
 """
 
-import contextlib
 import functools
 import math
 import os
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -150,26 +146,6 @@ def time_hiermt(model, stage, config, params, features, notes, repeats=1):
   return report, np.asarray(out[0])
 
 
-@contextlib.contextmanager
-def _uncached_as_benchmarked():
-  """`decode.decode_uncached` with `<eos>` banned and one jitted forward pass per model.
-
-  Inside, the grammar bans `<eos>` as `free_run(stop_at_eos=False)` does, so
-  the uncached loop writes the same fixed count as the cached one, and
-  `decode._uncached_forward` is cached per model, so a second call reuses the
-  first one's compiled forward passes (one per sequence length) instead of
-  compiling them again: the timed run is then decoding, not compilation.
-  """
-  allowed_tokens = decode.allowed_tokens
-
-  def without_eos(stage, state):
-    return allowed_tokens(stage, state).at[:, vocab.EOS].set(False)
-
-  with mock.patch.object(decode, "allowed_tokens", without_eos), \
-       mock.patch.object(decode, "_uncached_forward", functools.cache(decode._uncached_forward)):
-    yield
-
-
 def time_uncached(model, stage, config, params, features, notes):
   """The official strategy in JAX on segment 0: (report, tokens or answers of segment 0).
 
@@ -187,13 +163,12 @@ def time_uncached(model, stage, config, params, features, notes):
   else:
     args = (model, stage, config.data.max_tokens, params, first) + _inputs(1, notes)
     work = {"notes_per_segment": notes, "forward_passes_per_segment": notes}
-  with _uncached_as_benchmarked():
-    start = time.perf_counter()
-    decode.decode_uncached(*args)
-    warmup = time.perf_counter() - start
-    start = time.perf_counter()
-    out = decode.decode_uncached(*args)
-    seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  decode.decode_uncached(*args, stop_at_eos=False)
+  warmup = time.perf_counter() - start
+  start = time.perf_counter()
+  out = decode.decode_uncached(*args, stop_at_eos=False)
+  seconds = time.perf_counter() - start
   report = dict(work, measured_segments=1, warmup_seconds=round(warmup, 3), measured_seconds=round(seconds, 3),
                 multiplied_by=segments, piece_seconds=round(seconds * segments, 3),
                 measured=f"segment 0 alone (second run; the first compiled a forward pass per length), "

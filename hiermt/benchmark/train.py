@@ -73,6 +73,7 @@ def train_report(stages, options, steps, rounds, workers, data_dir="") -> dict:
     if stage != "encoder":
       config.init_from = "none"
     c = train.compile_steps(config)
+    config = c.config  # its batch size fits the mesh: the pipeline must feed exactly that
     it = iter(pipeline.make_dataset(config, config.data.train_split, seed=0))
     host = next(it)
     host.pop("truncated", None)

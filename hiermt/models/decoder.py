@@ -22,8 +22,10 @@ can leave them out.
 
 Incremental decoding uses the flax `cache` collection: `init_cache` builds it
 (fixed shapes, so the loop fits `lax.while_loop`); the first `decode=True` call
-passes the audio and one or more tokens (prefill), later calls pass any number
-of next tokens without audio. Every row of the batch advances in lockstep.
+passes the audio and one or more tokens (prefill: a call with audio starts the
+sequence afresh), later calls pass any number of next tokens without audio.
+Every row of the batch advances in lockstep. Later calls attend to the cache
+through `attention.attend_cache`, reading only its written slots.
 """
 
 import functools
@@ -147,13 +149,17 @@ class Attention(nn.Module):
 
   Self-attention (`cross=False`) rotates queries and keys and is causal over
   absolute positions. Cross-attention rotates queries only and sees every audio
-  frame. In decode mode both keep their keys/values in the `cache` collection:
-  self-attention writes the new ones at `positions`, cross-attention stores the
-  audio's on prefill and reuses them afterwards.
+  frame. In decode mode both keep their keys/values in the `cache` collection
+  in the layouts `attention.attend_cache` reads (keys `[batch, heads,
+  head_dim, slots]`, values `[batch, heads, slots, head_dim]`): self-attention
+  writes the new ones at `positions`, cross-attention stores the audio's on
+  prefill and reuses them afterwards. The prefill starts from an empty cache,
+  so it attends exactly as the full forward does.
   """
   num_heads: int
   cross: bool
   decode: bool
+  prefill: bool
   cache_len: int | None
   dtype: Any
   param_dtype: Any
@@ -166,35 +172,36 @@ class Attention(nn.Module):
         nn.DenseGeneral, features=(self.num_heads, dim // self.num_heads), use_bias=False,
         dtype=self.dtype, param_dtype=self.param_dtype)
     q = apply_rope(rowwise(proj(name="query"), x), rope_positions)  # [batch, n, heads, head_dim]
-    mask = None
     if self.cross:
       if memory is not None:
         k = rowwise(proj(name="key"), memory)  # [batch, frames, heads, head_dim]
         v = rowwise(proj(name="value"), memory)
-      if self.decode:
-        shape = None if memory is None else k.shape
-        cached_k = self.variable("cache", "cached_cross_key", jnp.zeros, shape, self.dtype)
-        cached_v = self.variable("cache", "cached_cross_value", jnp.zeros, shape, self.dtype)
-        if memory is not None:
-          cached_k.value, cached_v.value = k, v
-        k, v = cached_k.value, cached_v.value
     else:
       k = apply_rope(rowwise(proj(name="key"), x), rope_positions)  # [batch, n, heads, head_dim]
       v = rowwise(proj(name="value"), x)
-      if self.decode:
-        shape = (x.shape[0], self.cache_len) + k.shape[2:]
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
-        start = (0, positions[0], 0, 0)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
-        k, v = cached_k.value, cached_v.value  # [batch, cache_len, heads, head_dim]
-        # Unwritten slots lie after every query, so the causal mask also hides them.
-        mask = (jnp.arange(k.shape[1])[None, :] <= positions[:, None])[None, None]  # [1, 1, n, cache_len]
     if self.decode:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [batch, n, heads, head_dim]
+      if self.cross:
+        # Created and filled by the prefill, which carries the audio; only read afterwards.
+        cached_k = self.variable("cache", "cached_cross_key", lambda: attention.key_cache(k))
+        cached_v = self.variable("cache", "cached_cross_value", lambda: attention.value_cache(v))
+        if self.prefill:
+          cached_k.value, cached_v.value = attention.key_cache(k), attention.value_cache(v)
+      else:
+        batch, head_dim = x.shape[0], dim // self.num_heads
+        cached_k = self.variable("cache", "cached_key", jnp.zeros,
+                                 (batch, self.num_heads, head_dim, self.cache_len), self.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros,
+                                 (batch, self.num_heads, self.cache_len, head_dim), self.dtype)
+        cached_k.value = jax.lax.dynamic_update_slice(
+            cached_k.value, attention.key_cache(k), (0, 0, 0, positions[0]))  # [batch, heads, head_dim, slots]
+        cached_v.value = jax.lax.dynamic_update_slice(
+            cached_v.value, attention.value_cache(v), (0, 0, positions[0], 0))  # [batch, heads, slots, head_dim]
+    if self.decode and not self.prefill:
+      out = attention.attend_cache(q, cached_k.value, cached_v.value,
+                                   None if self.cross else positions)  # [batch, n, heads, head_dim]
     else:
-      out = attention.attend(q, k, v, causal=not self.cross)
+      # A prefill starts from an empty cache: its tokens see only themselves (or the audio), as in the full forward.
+      out = attention.attend(q, k, v, causal=not self.cross)  # [batch, n, heads, head_dim]
     project = nn.DenseGeneral(dim, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                               name="out")
     return rowwise(project, out, feature_axes=2)  # [batch, n, dim]
@@ -205,6 +212,7 @@ class Block(nn.Module):
   num_heads: int
   cross: bool
   decode: bool
+  prefill: bool
   cache_len: int | None
   dtype: Any
   param_dtype: Any
@@ -214,7 +222,7 @@ class Block(nn.Module):
     """x `[batch, n, dim]` -> `[batch, n, dim]`."""
     norm = functools.partial(nn.RMSNorm, epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
     attention_layer = functools.partial(
-        Attention, self.num_heads, decode=self.decode, cache_len=self.cache_len,
+        Attention, self.num_heads, decode=self.decode, prefill=self.prefill, cache_len=self.cache_len,
         dtype=self.dtype, param_dtype=self.param_dtype)
     mlp = functools.partial(SwiGLU, swiglu_hidden(x.shape[-1]), dtype=self.dtype, param_dtype=self.param_dtype)
     x = x + attention_layer(cross=False, name="self_attn")(norm(name="attn_norm")(x), positions, rope_positions)
@@ -266,8 +274,8 @@ class Decoder(nn.Module):
       tokens: int `[batch, n]`. Without `decode`, the whole sequence (teacher
         forcing, n <= max_len). With `decode`, the next n tokens.
       audio: `[batch, frames, d_enc]` encoder features. Required without
-        `decode` and on the first (prefill) decode call on a fresh cache; None on
-        later decode calls.
+        `decode` and on the first (prefill) decode call, which starts the
+        sequence afresh; None on later decode calls.
       decode: read and extend the KV cache (`cache` collection, mutable).
 
     Returns:
@@ -295,24 +303,26 @@ class Decoder(nn.Module):
         memory = None
     length = x.shape[1]
 
+    prefill = decode and audio is not None
     if decode:
       index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
       prefix_len = self.variable("cache", "prefix_len", lambda: jnp.zeros((), jnp.int32))
-      if audio is not None:
+      if prefill:
         prefix_len.value = jnp.asarray(num_prefix, jnp.int32)
-      positions = index.value + jnp.arange(length)  # [length] cache slots
-      index.value = index.value + length
+      start = jnp.zeros((), jnp.int32) if prefill else index.value
+      positions = start + jnp.arange(length)  # [length] cache slots
+      index.value = start + length
       rope_positions = jnp.maximum(positions - prefix_len.value, 0)
     else:
       positions = jnp.arange(length)
       rope_positions = jnp.maximum(positions - num_prefix, 0)  # prefix frames at rotary position 0
-    # Only needed when the cache is created, i.e. on a call that carries the audio.
-    cache_len = num_prefix + self.max_len if audio is not None else None
+    # Only needed when the cache is created, i.e. on the prefill; whole chunks for `attention.attend_cache`.
+    cache_len = -(-(num_prefix + self.max_len) // attention.KEY_CHUNK) * attention.KEY_CHUNK if prefill else None
 
     block = nn.remat(Block) if self.remat and not decode else Block
     for i in range(self.num_layers):
-      x = block(self.num_heads, cross=not prefix, decode=decode, cache_len=cache_len, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"block_{i}")(x, positions, rope_positions, memory)
+      x = block(self.num_heads, cross=not prefix, decode=decode, prefill=prefill, cache_len=cache_len,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}")(x, positions, rope_positions, memory)
     x = nn.RMSNorm(epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     x = x[:, num_prefix:]  # [batch, n, dim]: logits for note tokens only
     head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="head")
