@@ -198,6 +198,14 @@ def test_resume_names_changed_fields_and_refuses_a_changed_model(encoder_run):
     checkpoint.check_resume(directory, 3, state, wider)
 
 
+def _children(pid):
+  """Process ids of `pid`'s live children (Linux /proc)."""
+  found = set()
+  for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+    found.update(int(c) for c in (task / "children").read_text().split())
+  return found
+
+
 def _wait_for_step(workdir, step, procs, timeout=600):
   """Waits until metrics.jsonl logs a step > `step` (or a process exits)."""
   deadline = time.time() + timeout
@@ -249,8 +257,14 @@ def test_preemption_and_crash_resume_across_process_counts(encoder_run, lm_run, 
     if (manager.latest_step() or 0) > first:
       break
     time.sleep(0.1)
+  workers = _children(single.pid)
+  assert workers, "the run with worker_count=1 should have a Grain worker process"
   single.send_signal(signal.SIGKILL)
   single.wait()
+  deadline = time.time() + 30  # the kernel kills the workers with their parent (PR_SET_PDEATHSIG)
+  while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+    time.sleep(0.1)
+  assert not any(os.path.exists(f"/proc/{w}") for w in workers), "Grain workers outlived the killed trainer"
   out = single.output()
   assert f"from step {first}" in out and "compiling the train step" in out, out[-3000:]
   assert "host allocator: tcmalloc" in out  # main re-ran itself under tcmalloc (same pid, so SIGKILL hit it)

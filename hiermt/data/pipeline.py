@@ -12,10 +12,12 @@ the "train" split are augmented first (hiermt/data/augment.py) when
 validation and test crops never are, and no augmentation changes a label.
 """
 
+import ctypes
 import dataclasses
 import fcntl
 import os
 import signal
+import sys
 
 from absl import flags
 from absl import logging
@@ -84,11 +86,20 @@ def prepared_dir(config):
   return _PREPARED[key]
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _ignore_sigterm(worker_index, worker_count):
   """Grain workers leave SIGTERM to the trainer (a scheduler may signal the whole process
-  group): the trainer still needs batches until the step at which all processes save."""
+  group): the trainer still needs batches until the step at which all processes save.
+
+  Ignoring SIGTERM, a worker would outlive a trainer that crashed or was SIGKILLed, holding
+  its memory; on Linux the kernel kills it when its parent dies instead.
+  """
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclasses.dataclass
