@@ -75,12 +75,13 @@ def test_gradient_accumulation_is_exact_and_keeps_micro_batches_on_all_devices(c
 
 @pytest.mark.parametrize("arg,overrides,layouts", [
     # The paper's default (prefix decoder, the CRNN fine-tuned with it: BatchNorm in train mode,
-    # dropout), with parameters and optimizer state split over the 8 devices or not.
-    ("onset_pitch", {"freeze_encoder": False}, ("fsdp1", "fsdp8")),
+    # statistics over the global batch, dropout) on one device, and on 8 with parameters and
+    # optimizer state split over them.
+    ("onset_pitch", {"freeze_encoder": False}, ("one_device", "fsdp8")),
     # HPPNet fine-tuned under the cross-attention decoder, on one device or two.
     ("onset_pitch,encoder=hppnet,conditioning=cross", {"freeze_encoder": False, "train.batch_size": 2},
      ("one_device", "two_devices")),
-], ids=["crnn_unfrozen_fsdp8", "hppnet_unfrozen_cross"])
+], ids=["crnn_unfrozen_1_vs_8_fsdp", "hppnet_unfrozen_cross"])
 def test_device_layouts_give_the_same_updates(corpus_cache, arg, overrides, layouts):
   config = _config(arg, corpus_cache, **overrides)
   batches = _batches(config, 2)
@@ -98,7 +99,8 @@ def test_device_layouts_give_the_same_updates(corpus_cache, arg, overrides, layo
   np.testing.assert_allclose(losses_b, losses_a, rtol=LOSS_RTOL)
   np.testing.assert_allclose(norms_b, norms_a, rtol=1e-3)
   assert losses_a[0] != losses_a[1]
-  assert_same_training_state(state_b, state_a, config.train.lr, len(batches))
+  # BatchNorm statistics: one device sums the batch in another order than an all-reduce over 8.
+  assert_same_training_state(state_b, state_a, config.train.lr, len(batches), stats_tol=(1e-3, 1e-5))
   if not config.freeze_encoder:
     # Fine-tuned: the encoder's weights and batch statistics moved.
     for collection in ("params", "batch_stats"):
