@@ -85,8 +85,19 @@ def _unknown_key(argv):
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, with a misspelt --config.KEY reported as one line naming the valid keys
-  (ml_collections raises it as a bare KeyError or AttributeError: a long traceback)."""
+  """absl's flag parsing, with a misspelt stage, option or --config.KEY reported as one line naming
+  the valid ones (absl and ml_collections would print a long traceback)."""
+  given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  if given:
+    try:
+      flags.FLAGS[_CONFIG.name].parser.parse(given[-1])
+    except ValueError as e:  # configs/base.py names a misspelt stage or option and the valid ones
+      # ml_collections wraps get_config's error with its traceback as text: keep the last line.
+      last = str(e).strip().splitlines()[-1]
+      print(f"hiermt.main: error: {last.removeprefix('ValueError: ')}", file=sys.stderr)
+      sys.exit(2)
+    except Exception:  # pylint: disable=broad-except  (a missing or broken file: absl reports it below)
+      pass
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError):

@@ -1,4 +1,9 @@
 """configs/base.py: stage parsing, sizes, runlocal, clear errors on typos."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from conftest import load_base_config
@@ -39,3 +44,14 @@ def test_runlocal_is_small_but_keeps_explicit_size():
 def test_typos_fail_with_the_valid_choices(arg, needle):
   with pytest.raises(ValueError, match=needle):
     base.get_config(arg)
+
+
+def test_cli_names_a_misspelt_stage_or_option_in_one_line(tmp_path):
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, HIERMT_TCMALLOC="0")
+  for arg, needle in (("veloctiy", "unknown stage 'veloctiy'; valid choices: encoder, onset_pitch"),
+                      ("velocity,sise=tiny", "unknown config option 'sise'")):
+    proc = subprocess.run([sys.executable, "-m", "hiermt.main", f"--config=configs/base.py:{arg}",
+                           f"--workdir={tmp_path}"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
