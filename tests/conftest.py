@@ -73,3 +73,15 @@ def assert_same_training_state(got, want, lr, steps, stats_tol=(1e-4, 1e-6)):
   diffs = np.concatenate([np.abs(g - w).ravel() for g, w in pairs])
   off = int(np.sum(diffs > 0.1 * lr))
   assert off <= 1e-3 * diffs.size and diffs.max() <= 2 * lr * steps, (off, diffs.size, diffs.max(), lr)
+
+
+# The longest files, longest first. The suite runs on two xdist workers, one file at a time each
+# (--dist loadfile): a long file handed out last would keep one worker busy while the other idles.
+_LONGEST_FILES = ("test_train.py", "test_transcribe.py", "test_quickstart.py", "test_train_step.py",
+                  "test_benchmark.py", "test_decode.py", "test_objectives.py")
+
+
+def pytest_collection_modifyitems(items):
+  """Schedules the longest test files first (stable: everything else keeps its order)."""
+  rank = {name: i for i, name in enumerate(_LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
