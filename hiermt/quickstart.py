@@ -28,15 +28,15 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
+from hiermt import checkpoint
 from hiermt import evaluate
-from hiermt.data import synth
+from hiermt import train
 from hiermt import transcribe
+from hiermt.data import synth
 
 STAGES = ("encoder", "onset_pitch", "velocity", "offset", "flatten")
-# A stage stopped by its time budget (SIGTERM) saves a checkpoint and exits with this
-# status (hiermt.train.PREEMPTED_EXIT_CODE, not imported: it would load JAX here).
-_STOPPED = 75
 _DONE_MARK = "quickstart.done"
 
 # The paper's Table I on MAESTRO v3 test (On / On-Off / On-Off-Vel F1), for comparison only.
@@ -148,7 +148,7 @@ def train_stage(python, stage, encoder, preset, workdir, data_dir, seconds):
     return
   started = time.time()
   status, stopped = run_with_budget(stage_command(python, stage, encoder, preset, workdir, data_dir), seconds)
-  if status not in (0, _STOPPED) or (status == _STOPPED and not stopped):
+  if status not in (0, train.PREEMPTED_EXIT_CODE) or (status == train.PREEMPTED_EXIT_CODE and not stopped):
     raise SystemExit(f"quickstart: training {stage} failed (exit status {status}); fix the error above "
                      "and run the quickstart again: it resumes from the last checkpoint")
   with open(mark, "w") as f:
@@ -158,9 +158,6 @@ def train_stage(python, stage, encoder, preset, workdir, data_dir, seconds):
 
 def count_params(workdir):
   """Parameters each layout transcribes with: {layout: count} (a shared encoder counted once)."""
-  from hiermt import checkpoint  # pylint: disable=g-import-not-at-top  (loads JAX)
-  import jax  # pylint: disable=g-import-not-at-top
-
   def sizes(stage):
     variables, _ = checkpoint.load_variables(checkpoint.stage_dir(workdir, stage), "")
     params = variables["params"]
