@@ -159,6 +159,9 @@ def get_config(arg=None):
   # its first eval_seconds (0: whole pieces); the best-scored checkpoint is kept. 0 pieces: none.
   c.train.eval_pieces = 2
   c.train.eval_seconds = 0.0
+  # Also evaluate the state a preemption (SIGTERM) saves, so that it can become the best one.
+  # Off by default: a scheduler's grace period may not cover a transcription pass.
+  c.train.eval_on_preemption = False
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
   # Parameter sharding over an `fsdp` mesh axis of this size (1: pure data parallel).

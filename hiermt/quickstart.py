@@ -1,6 +1,6 @@
 """From a fresh machine to trained models, transcriptions and a Table-I results table.
 
-  python -m hiermt.quickstart [--workdir=runs/quickstart] [--minutes=20] [--encoder=crnn|hppnet]
+  python -m hiermt.quickstart [--workdir=runs/quickstart] [--minutes=20] [--encoder=hppnet|crnn]
 
 Renders a MAESTRO-layout corpus (plus its test split again with a timbre and
 room that training never hears, CORPUS/heldout), trains the five stages
@@ -68,14 +68,16 @@ class Preset:
 
 
 # The CPU recipe. Why these values: docs/design.md, "Quickstart and the CPU recipe". Measured
-# on the 2-core machine: the CRNN at width 1/8 takes 1.75 s per step on 4 crops of 4 s (width
-# 1/4 on 8 crops of 10 s: 59 s); an LM step of the micro decoder on 8 segments over the frozen
-# encoder 3-4 s. Step counts are left to the time budget.
+# on the 2-core machine (quiet): HPPNet at width 1/4 takes 2.1 s per step on 4 crops of 4 s and
+# halves its frame loss within 125 steps; the CRNN at width 1/8 takes 0.9 s per step but had not
+# left the predict-nothing phase after 360. An LM step of the micro decoder on 4 segments over
+# the frozen HPPNet: 1.3-1.5 s. Step counts are left to the time budget; the state each budget
+# stop saves is validated, so the best checkpoint is the newest whenever it scores highest.
 PRESETS = {
     "cpu": Preset(
         options="size=micro",
         overrides={"train.steps": 1_000_000, "train.log_every": 10, "train.checkpoint_every": 100,
-                   "train.eval_every": 200, "train.eval_batches": 1, "train.eval_pieces": 1,
+                   "train.eval_every": 100, "train.eval_on_preemption": True, "train.eval_batches": 1, "train.eval_pieces": 1,
                    "train.eval_seconds": 20.0, "train.batch_size": 4, "train.lr": 1e-3,
                    "train.warmup_steps": 20, "decoder.prefix_pool": 4, "freeze_encoder": True,
                    "data.worker_count": 1, "data.max_tokens": 768},
@@ -255,7 +257,8 @@ def _define_flags():
   """Flags; defined only when run as a script, so importing this module claims no flag names."""
   flags.DEFINE_string("workdir", "runs/quickstart", "Where the corpus, checkpoints and reports go.")
   flags.DEFINE_float("minutes", 20.0, "Wall-clock budget for the whole run, in minutes.", lower_bound=1.0)
-  flags.DEFINE_enum("encoder", "crnn", ["crnn", "hppnet"], "Roll-based encoder to pretrain.")
+  flags.DEFINE_enum("encoder", "hppnet", ["hppnet", "crnn"],
+                    "Roll-based encoder to pretrain (HPPNet learns fastest at CPU sizes).")
   flags.DEFINE_enum("preset", "cpu", list(PRESETS), "cpu: the CPU recipe; smoke: runlocal configs (CI).")
   flags.DEFINE_string("data_dir", "", "An existing MAESTRO-layout corpus to use instead of rendering one.")
 

@@ -1,11 +1,13 @@
 """One trainer for every stage: state init, pure jitted steps, the loop, evaluation.
 
-Stages differ only in config: `encoder` trains the roll heads with Kong's losses,
+Stages differ only in config: `encoder` trains the roll heads with its encoder's
+published losses (`hiermt.objectives`),
 the LM stages train token cross-entropy under each stage's loss mask. The same
 code runs on one CPU, one GPU, eight GPUs or many hosts: the batch is split
 over a [data, fsdp] mesh and XLA inserts the collectives.
 
-Every `train.eval_every` steps (and at the end) the run evaluates: teacher-forced
+Every `train.eval_every` steps, at the end (and on a preemption when
+`train.eval_on_preemption`) the run evaluates: teacher-forced
 loss and metrics on `train.eval_batches` validation crops, and the note F1 of
 transcribing `train.eval_pieces` validation pieces (`hiermt.validation`), whose
 score marks the checkpoint saved at that step as a candidate for the best one.
@@ -556,7 +558,8 @@ def run(config, workdir, devices=None):
       # Every process asks after every step, so all of them stop after the same one.
       preempted = preemption.stop_after(step) and step < t.steps
       log_now = step % t.log_every == 0 or step == t.steps or preempted  # no step left unlogged
-      eval_now = (t.eval_batches > 0 or validator is not None) and (step % t.eval_every == 0 or step == t.steps)
+      eval_now = (t.eval_batches > 0 or validator is not None) and (
+          step % t.eval_every == 0 or step == t.steps or (preempted and t.eval_on_preemption))
       # A validated state is saved with its score, so that the best one can be kept.
       save_now = step % t.checkpoint_every == 0 or step == t.steps or preempted or (eval_now and validator is not None)
       if not (log_now or eval_now or save_now):

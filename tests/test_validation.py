@@ -252,3 +252,17 @@ def test_a_misspelt_config_key_fails_in_one_line_naming_the_valid_keys(tmp_path)
   assert result.stderr.startswith("hiermt.main: error: unknown config key 'train.eval_piece' (did you mean "
                                   "train.eval_pieces?); valid keys of train: batch_size, ")
   assert ", steps, " in result.stderr
+
+
+def test_a_preempted_run_scores_its_last_checkpoint_when_asked(runlocal_config, tmp_path, monkeypatch):
+  """train.eval_on_preemption: the state a SIGTERM saves is validated, so it can be the best checkpoint
+  (the quickstart ends every stage that way; without it the best would be an older, weaker state)."""
+  config = runlocal_config("encoder", **{"train.eval_every": 100, "train.eval_batches": 0,
+                                         "train.eval_on_preemption": True})
+  monkeypatch.setattr(train._Preemption, "stop_after", lambda self, step: step >= 2)
+  monkeypatch.setattr(validation.Validator, "__call__",
+                      lambda self, state: {validation.score_key("encoder"): 0.25 + int(state.step)})
+  with pytest.raises(train.Preempted):
+    train.run(config, str(tmp_path), devices=jax.devices()[:1])
+  best = checkpoint.choose(checkpoint.stage_dir(str(tmp_path), "encoder"), "best")
+  assert (best.step, best.kind, best.score) == (2, "best", 2.25)
