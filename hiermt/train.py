@@ -117,8 +117,18 @@ def make_optimizer(config):
 # ----------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------
-def _forward(model, config, params, batch_stats, batch, rng, train):
-  """Model output and loss for one (micro)batch. Returns (loss, (metrics, new_batch_stats))."""
+def loss_counts(config, batch):
+  """The normalisers of the stage's loss terms on `batch` (data only; `hiermt.objectives`)."""
+  if config.stage == "encoder":
+    return objectives.for_encoder(config.encoder.name).counts(batch)
+  return objectives.token_counts(batch)
+
+
+def _forward(model, config, params, batch_stats, batch, rng, train, counts=None):
+  """Model output and loss for one (micro)batch. Returns (loss, (metrics, new_batch_stats)).
+
+  `counts` (`loss_counts`) normalise the loss terms; default: this batch's own.
+  """
   audio = batch["audio"].astype(jnp.float32) / 32768.0  # [batch, samples]
   variables = {"params": params}
   if batch_stats:
@@ -131,35 +141,19 @@ def _forward(model, config, params, batch_stats, batch, rng, train):
     result = model.apply(variables, audio, batch["tokens"], **kwargs)
   out, updates = result if mutable else (result, {})
   if config.stage == "encoder":
-    loss, metrics = objectives.for_encoder(config.encoder.name).loss(out, batch)
+    loss, metrics = objectives.for_encoder(config.encoder.name).loss(out, batch, counts)
   else:
-    loss, metrics = objectives.token_loss(out, batch)
+    loss, metrics = objectives.token_loss(out, batch, counts)
   return loss, (metrics, updates.get("batch_stats", batch_stats))
 
 
-# Float metrics that are counts: summed over micro-batches (integer metrics always are); every
-# other float metric is a ratio, combined as a normaliser-weighted mean.
-SUMMED_METRICS = ("tokens",)
+def _micro_loss(model, config, params, batch_stats, batch, rng, counts):
+  """One micro-batch's share of the step's loss: its term sums over the whole batch's `counts`.
 
-
-def _micro_loss(model, config, params, batch_stats, batch, rng):
-  """One micro-batch as (loss sum, (normaliser, metrics, new batch_stats)).
-
-  A step's loss is sum(loss sums) / sum(normalisers) over its micro-batches, and its
-  gradient the summed gradients of the sums divided once, so micro-batches with
-  more target tokens weigh more, exactly as in one big batch. `_forward` returns a
-  mean, which is turned back into a sum here: x the target-token count for the LM
-  stages (exact); x rows for the encoder stage (exact for terms normalised per
-  frame; a term normalised by a per-batch count such as the onset frames is then a
-  row-weighted mean of the micro-batches' values). A loss that returns
-  (sum, normaliser, metrics) itself replaces this adapter.
+  Returns (loss, (metrics, new batch_stats)); losses and metrics of the micro-batches add up to
+  those of the whole batch (every metric is a count or a sum over the same normaliser).
   """
-  loss, (metrics, stats) = _forward(model, config, params, batch_stats, batch, rng, True)
-  if config.stage == "encoder":
-    normaliser = jnp.asarray(batch["audio"].shape[0], jnp.float32)
-  else:
-    normaliser = jax.lax.stop_gradient(metrics["tokens"]).astype(jnp.float32)
-  return loss * normaliser, (normaliser, metrics, stats)
+  return _forward(model, config, params, batch_stats, batch, rng, True, counts)
 
 
 def _micro_batches(batch, accum, mesh):
@@ -179,53 +173,40 @@ def _micro_batches(batch, accum, mesh):
   return jax.tree.map(split, batch)
 
 
-def _combine_metrics(metrics, normalisers):
-  """Per-micro-batch metrics [accum] -> one value: counts summed, ratios normaliser-weighted."""
-  total = jnp.maximum(jnp.sum(normalisers), 1.0)
-
-  def combine(key, m):
-    if m.dtype.kind != "f" or key in SUMMED_METRICS:
-      return jnp.sum(m, axis=0)
-    return jnp.sum(m * normalisers) / total
-  return {k: combine(k, m) for k, m in metrics.items()}
-
-
-def accumulate_gradients(loss_fn, params, batch_stats, batch, rng, accum, mesh=None):
+def accumulate_gradients(loss_fn, params, batch_stats, batch, rng, accum, counts, mesh=None):
   """Loss and gradient of a batch split into `accum` micro-batches, exactly as without splitting.
 
   Args:
-    loss_fn: (params, batch_stats, micro_batch, rng) -> (loss sum, (normaliser, metrics, batch_stats)).
+    loss_fn: (params, batch_stats, micro_batch, rng, counts) -> (loss, (metrics, batch_stats)),
+      the micro-batch's loss term sums divided by the whole batch's `counts`.
     params, batch_stats: the model's variables; batch statistics are carried from
-      micro-batch to micro-batch.
+      micro-batch to micro-batch (BatchNorm normalises each micro-batch by its own
+      statistics, as any accumulation does).
     batch: the (global) batch, split along its first axis.
     rng: micro-batch i uses fold_in(rng, i) (the batch uses rng when accum == 1).
     accum: number of micro-batches; the per-device rows must divide by it.
+    counts: the loss terms' normalisers over the whole batch (`loss_counts`).
     mesh: keeps every micro-batch split over all devices (None: no constraint).
 
   Returns:
-    (loss, grads, metrics, batch_stats): loss = sum of sums / sum of normalisers
-    (at least 1), grads its gradient, metrics combined by `_combine_metrics` plus
-    "normaliser" (the summed normaliser).
+    (loss, grads, metrics, batch_stats): losses, gradients and metrics summed over
+    the micro-batches.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if accum == 1:
-    (total, (normaliser, metrics, batch_stats)), grads = grad_fn(params, batch_stats, batch, rng)
-  else:
-    def body(carry, xs):
-      grads_sum, total, stats = carry
-      micro, i = xs
-      (s, (n, metrics, stats)), g = grad_fn(params, stats, micro, jax.random.fold_in(rng, i))
-      return (jax.tree.map(jnp.add, grads_sum, g), total + s, stats), (n, metrics)
+    (loss, (metrics, batch_stats)), grads = grad_fn(params, batch_stats, batch, rng, counts)
+    return loss, grads, metrics, batch_stats
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, total, batch_stats), (normalisers, metrics) = jax.lax.scan(
-        body, (zeros, jnp.zeros((), jnp.float32), batch_stats),
-        (_micro_batches(batch, accum, mesh), jnp.arange(accum)))
-    normaliser = jnp.sum(normalisers)
-    metrics = _combine_metrics(metrics, normalisers)
-  denom = jnp.maximum(normaliser, 1.0)
-  grads = jax.tree.map(lambda g: g / denom, grads)
-  return total / denom, grads, dict(metrics, normaliser=normaliser), batch_stats
+  def body(carry, xs):
+    grads_sum, loss_sum, stats = carry
+    micro, i = xs
+    (loss, (metrics, stats)), g = grad_fn(params, stats, micro, jax.random.fold_in(rng, i), counts)
+    return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + loss, stats), metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads, loss, batch_stats), metrics = jax.lax.scan(
+      body, (zeros, jnp.zeros((), jnp.float32), batch_stats), (_micro_batches(batch, accum, mesh), jnp.arange(accum)))
+  return loss, grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics), batch_stats
 
 
 def train_step(model, config, tx, state, batch, rng, mesh=None):
@@ -239,8 +220,7 @@ def train_step(model, config, tx, state, batch, rng, mesh=None):
   truncated = batch.pop("truncated", None)
   loss, grads, metrics, batch_stats = accumulate_gradients(
       functools.partial(_micro_loss, model, config), state.params, state.batch_stats, batch, rng,
-      config.train.grad_accum, mesh)
-  metrics.pop("normaliser")
+      config.train.grad_accum, loss_counts(config, batch), mesh)
   if truncated is not None:
     metrics["truncated_sequences"] = jnp.sum(truncated.astype(jnp.int32))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -82,6 +82,30 @@ def test_hppnet_loss_by_hand():
   assert float(objectives.hppnet_loss(out, batch)[1]["loss_velocity"]) == 0.0
 
 
+def test_micro_batch_losses_over_the_whole_batch_counts_add_up_to_its_loss():
+  """Velocity is a mean over onset frames: row 0 has one, row 1 three. Each row's loss over the
+  two rows' counts (1 + 3 onsets) sums to the batch's loss; each row's own mean would not."""
+  velocity_logits = np.zeros((2, 4, 88), np.float32)
+  velocity_logits[0, 0, 0] = _logit(0.9)  # row 0: squared error (0.5 - 0.9)^2 = 0.16 at its onset
+  onset = np.zeros((2, 4, 88), np.float32)
+  onset[0, 0, 0] = onset[1, 0, 0] = onset[1, 1, 0] = onset[1, 2, 0] = 1.0
+  batch = {"onset": jnp.asarray(onset), "offset": jnp.zeros((2, 4, 88)), "frame": jnp.zeros((2, 4, 88)),
+           "velocity": jnp.asarray(onset * 0.5)}  # row 1: three onsets predicted exactly (0.5)
+  logits = {k: jnp.zeros((2, 4, 88)) for k in ("onset", "offset", "frame")}
+  logits["velocity"] = jnp.asarray(velocity_logits)
+  out = {"logits": logits, "frame": jax.nn.sigmoid(logits["frame"])}
+  whole_loss, whole = objectives.hppnet_loss(out, batch)
+  np.testing.assert_allclose(whole["loss_velocity"], 0.16 / 4, rtol=1e-5)
+  counts = objectives.hppnet_counts(batch)
+  assert float(counts["velocity"]) == 4.0 and float(counts["frame"]) == 2 * 4 * 88
+  rows = [jax.tree.map(lambda x, r=r: x[r:r + 1], (out, batch)) for r in (0, 1)]
+  parts = [objectives.hppnet_loss(o, b, counts) for o, b in rows]
+  np.testing.assert_allclose(sum(p[0] for p in parts), whole_loss, rtol=1e-6)
+  np.testing.assert_allclose(sum(p[1]["loss_velocity"] for p in parts), 0.16 / 4, rtol=1e-5)
+  own = [objectives.hppnet_loss(o, b)[1]["loss_velocity"] for o, b in rows]  # each row's own mean
+  np.testing.assert_allclose(own, [0.16, 0.0], atol=1e-6)
+
+
 def test_each_encoder_gets_its_own_objective():
   assert objectives.for_encoder("crnn").loss is objectives.kong_loss
   assert objectives.for_encoder("hppnet").loss is objectives.hppnet_loss
