@@ -144,6 +144,16 @@ def run_with_budget(cmd, seconds):
     raise
 
 
+def stage_seconds(shares, stage, seconds_left):
+  """`stage`'s part of the training time left: its share among itself and the stages after it.
+
+  Each stage overruns its budget by its start-up and its final validation and save; taking the
+  time left each time makes the later stages absorb that, so the training ends on time.
+  """
+  later = STAGES[STAGES.index(stage):]
+  return max(0.0, seconds_left) * shares[stage] / sum(shares[s] for s in later)
+
+
 def train_stage(python, stage, encoder, preset, workdir, data_dir, seconds):
   """Trains one stage within `seconds` unless an earlier quickstart run finished it."""
   mark = os.path.join(workdir, stage, _DONE_MARK)
@@ -237,9 +247,10 @@ def main(argv):
     _show(corpus)
     subprocess.run(corpus, check=True)
 
-  training = budget * (1.0 - _OVERHEAD_SHARE) - (time.time() - started)
+  training_ends = started + budget * (1.0 - _OVERHEAD_SHARE)
   for stage in STAGES:
-    train_stage(python, stage, args.encoder, preset, workdir, data_dir, training * preset.shares[stage])
+    seconds = stage_seconds(preset.shares, stage, training_ends - time.time())
+    train_stage(python, stage, args.encoder, preset, workdir, data_dir, seconds)
 
   seen = run_evaluation(python, workdir, data_dir, "test", preset)
   heldout_dir = os.path.join(data_dir, synth.HELDOUT_DIR)

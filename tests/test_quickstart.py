@@ -5,6 +5,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from hiermt import quickstart
 
 
@@ -76,3 +78,12 @@ def test_smoke_quickstart_end_to_end_and_resume(tmp_path):
   assert second.stdout.count("already trained") == 5
   commands = [line for line in second.stdout.splitlines() if line.startswith("$ ")]
   assert len(commands) == 1 and "hiermt.data.synth" in commands[0]  # only the (up-to-date) corpus check
+
+
+def test_stage_budgets_absorb_overruns():
+  shares = quickstart.PRESETS["cpu"].shares  # 0.5, 0.2, 0.075, 0.075, 0.15
+  assert quickstart.stage_seconds(shares, "encoder", 1000.0) == pytest.approx(500.0)
+  # The encoder overran by 20 s: 480 s are left for the rest, split 0.2 : 0.075 : 0.075 : 0.15.
+  assert quickstart.stage_seconds(shares, "onset_pitch", 480.0) == pytest.approx(480.0 * 0.4)
+  assert quickstart.stage_seconds(shares, "flatten", 70.0) == pytest.approx(70.0)  # the last takes what is left
+  assert quickstart.stage_seconds(shares, "flatten", -5.0) == 0.0

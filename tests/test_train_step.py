@@ -59,11 +59,11 @@ def test_gradient_accumulation_is_exact_and_keeps_micro_batches_on_all_devices(c
   per_row = np.asarray(uneven(batch))
   micro = [per_row[i::4].sum() for i in range(4)]
   assert len(set(micro)) == 4, micro  # uneven micro-batches, or the test proves nothing
-  c = train.compile_steps(config, jax.devices()[:devices])  # accum 1, 2 and 4 fit
+  c = train.compile_steps(config, jax.devices()[:devices])  # accum 4 fits: 16 rows
   global_batch = partitioning.global_batch(c.mesh, batch)
   loss_fn = functools.partial(train._micro_loss, c.model, config)
   results = {}
-  for accum in (1, 2, 4):
+  for accum in (1, 4):  # 4 micro-batches of uneven counts (2 would exercise the same code)
     def step(params, batch_stats, batch, rng, accum=accum):
       return train.accumulate_gradients(loss_fn, params, batch_stats, batch, rng, accum,
                                         train.loss_counts(config, batch), c.mesh)
@@ -76,15 +76,14 @@ def test_gradient_accumulation_is_exact_and_keeps_micro_batches_on_all_devices(c
   loss1, grads1, metrics1 = results[1]
   if "tokens" in metrics1:
     assert metrics1["tokens"] == per_row.sum()
-  for accum in (2, 4):
-    loss, grads, metrics = results[accum]
-    np.testing.assert_allclose(loss, loss1, rtol=1e-5)
-    assert metrics.keys() == metrics1.keys()
-    for key in metrics:  # counts summed over micro-batches (tokens, frame counts), terms and accuracy exact
-      np.testing.assert_allclose(metrics[key], metrics1[key], rtol=1e-5, err_msg=key)
-    flat, want = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (grads, grads1))
-    error = np.linalg.norm(flat - want) / np.linalg.norm(want)
-    assert error < 1e-5, error  # float noise: ~5e-7 measured
+  loss, grads, metrics = results[4]
+  np.testing.assert_allclose(loss, loss1, rtol=1e-5)
+  assert metrics.keys() == metrics1.keys()
+  for key in metrics:  # counts summed over micro-batches (tokens, frame counts), terms and accuracy exact
+    np.testing.assert_allclose(metrics[key], metrics1[key], rtol=1e-5, err_msg=key)
+  flat, want = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (grads, grads1))
+  error = np.linalg.norm(flat - want) / np.linalg.norm(want)
+  assert error < 1e-5, error  # float noise: ~5e-7 measured
 
 
 @pytest.mark.parametrize("arg,overrides,layouts", [
