@@ -129,6 +129,10 @@ def get_config(arg=None):
   c.decoder.conditioning = opts["conditioning"]
   # Average-pool the audio prefix in time by this factor (long prefixes on small machines).
   c.decoder.prefix_pool = 1
+  # Start each time token's embedding and output column at the position code of the prefix
+  # frame it names (prefix conditioning; hiermt/models/decoder.py): on the CPU recipe the
+  # onset stage's validation loss fell 5.07 -> 4.03 in the same 4 minutes. False: the paper's init.
+  c.decoder.time_init = False
 
   # --- optimisation -------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -51,10 +51,15 @@ def _frame_counts(out, batch):
   return {"frame_tp": jnp.sum(pred & ref), "frame_fp": jnp.sum(pred & ~ref), "frame_fn": jnp.sum(~pred & ref)}
 
 
+def _crop_mask(batch):
+  """Kong's crop mask `[batch, frames, 88]` (frames a crop start cuts into); all ones without one."""
+  return batch["mask"] if "mask" in batch else jnp.ones_like(batch["frame"], jnp.float32)
+
+
 def kong_counts(batch):
   """Normalisers of Kong's loss terms: unmasked frames x keys, and onset-mask frames for velocity."""
-  mask = jnp.sum(batch["mask"]) if "mask" in batch else jnp.asarray(batch["frame"].size, jnp.float32)
-  return {"onset": mask, "offset": mask, "frame": mask, "velocity": jnp.sum(batch["onset_mask"])}
+  frames = jnp.sum(_crop_mask(batch))
+  return {"onset": frames, "offset": frames, "frame": frames, "velocity": jnp.sum(batch["onset_mask"])}
 
 
 def kong_loss(out, batch, counts=None):
@@ -71,7 +76,7 @@ def kong_loss(out, batch, counts=None):
     (loss, metrics): the summed loss, its terms and frame counts.
   """
   logits = out["logits"]
-  mask = batch.get("mask", jnp.ones_like(batch["frame"]))
+  mask = _crop_mask(batch)
   sums = {k: jnp.sum(binary_cross_entropy(logits[k], batch[k]) * mask) for k in ("onset", "offset", "frame")}
   sums["velocity"] = jnp.sum(binary_cross_entropy(logits["velocity"], batch["velocity"]) * batch["onset_mask"])
   loss, metrics = _terms(sums, kong_counts(batch) if counts is None else counts)

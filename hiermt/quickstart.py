@@ -79,7 +79,8 @@ PRESETS = {
         overrides={"train.steps": 1_000_000, "train.log_every": 10, "train.checkpoint_every": 100,
                    "train.eval_every": 100, "train.eval_on_preemption": True, "train.eval_batches": 1, "train.eval_pieces": 1,
                    "train.eval_seconds": 20.0, "train.batch_size": 4, "train.lr": 1e-3,
-                   "train.warmup_steps": 20, "decoder.prefix_pool": 4, "freeze_encoder": True,
+                   "train.warmup_steps": 20, "decoder.prefix_pool": 4, "decoder.time_init": True,
+                   "freeze_encoder": True,
                    "data.worker_count": 1, "data.max_tokens": 768},
         # The encoder is convolutional and recurrent: 4 s crops train it at 2.5x less cost per
         # crop than the 10 s segments the decoder needs.

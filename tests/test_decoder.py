@@ -164,6 +164,26 @@ def test_swiglu_width_rounds_up_to_256():
   assert [dec.swiglu_hidden(d) for d in (512, 768, 1024, 64)] == [1536, 2048, 2816, 256]
 
 
+def test_time_tokens_start_at_their_frames_position_codes():
+  # dim 8: inverse frequencies 1e4^(-k/4) = 1, 0.1, 0.01, 0.001. Tokens 8..10 name prefix
+  # positions 0, 0.5 and 1 (0.5 per token).
+  model = _model(dim=8, num_heads=2, time_tokens=(8, 3, 0.5))
+  params = model.init(jax.random.key(1), *_inputs())["params"]
+  plain = _model(dim=8, num_heads=2).init(jax.random.key(1), *_inputs())["params"]
+  inv = np.array([1.0, 0.1, 0.01, 0.001])
+  want = 0.1 * np.array([np.concatenate([np.sin(p * inv), np.cos(p * inv)]) for p in (0.0, 0.5, 1.0)])
+  np.testing.assert_allclose(want[0], 0.1 * np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+  embedding, head = np.asarray(params["embed"]["embedding"]), np.asarray(params["head"]["kernel"])
+  np.testing.assert_allclose(embedding[8:11], want, atol=1e-7)
+  np.testing.assert_allclose(head[:, 8:11], want.T, atol=1e-7)
+  # Every other row and column: the default initialisation, from the same key.
+  keep = np.r_[0:8, 11:VOCAB]
+  np.testing.assert_array_equal(embedding[keep], np.asarray(plain["embed"]["embedding"])[keep])
+  np.testing.assert_array_equal(head[:, keep], np.asarray(plain["head"]["kernel"])[:, keep])
+  with pytest.raises(ValueError, match="conditioning='prefix'"):
+    _model("cross", time_tokens=(8, 3, 0.5)).init(jax.random.key(1), *_inputs())
+
+
 def test_bfloat16_compute_keeps_float32_params():
   _, params, forward, _ = _setup("prefix")
   model = _model(dtype=jnp.bfloat16, remat=True)

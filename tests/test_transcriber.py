@@ -60,6 +60,16 @@ def test_build_model_maps_the_config(stage):
   assert model.freeze_encoder
 
 
+@pytest.mark.parametrize("encoder,per_token", [("crnn", 0.25), ("hppnet", 0.125)])
+def test_time_init_maps_10ms_time_tokens_to_pooled_prefix_frames(encoder, per_token):
+  # Pool 4 (runlocal): CRNN 100 frames/s -> 25 prefix positions/s, 0.25 per 10 ms token;
+  # HPPNet 50 frames/s -> 0.125.
+  config = base.get_config(f"velocity,encoder={encoder},runlocal")
+  assert transcriber.build_decoder(config).time_tokens is None
+  config.decoder.time_init = True
+  assert transcriber.build_decoder(config).time_tokens == (vocabulary.TIME_OFFSET, 1001, per_token)
+
+
 @pytest.mark.parametrize("arg", ["encoder,runlocal", "encoder,encoder=hppnet,runlocal", "onset_pitch,runlocal",
                                  "velocity,encoder=hppnet,runlocal", "offset,conditioning=cross,runlocal"])
 def test_stage_models_produce_the_right_shapes(arg):

@@ -42,6 +42,9 @@ ROPE_BASE = 1e4
 RMS_EPS = 1e-5
 # The official cross-attention decoder encodes audio positions with 64 sinusoids.
 CROSS_POSITION_DIM = 64
+# `Decoder.time_tokens`: the position codes' scale in the embedding and head (unit sines and
+# cosines: a code's norm is sqrt(dim / 2)); 0.1 measured on the CPU recipe (docs/design.md).
+TIME_CODE_SCALE = 0.1
 
 
 def swiglu_hidden(dim: int) -> int:
@@ -59,10 +62,25 @@ def sinusoidal_positions(length: int, dim: int) -> jax.Array:
   Returns:
     float32 `[length, dim]`.
   """
+  return sinusoids(jnp.arange(length, dtype=jnp.float32), dim)
+
+
+def sinusoids(positions: jax.Array, dim: int) -> jax.Array:
+  """`sinusoidal_positions` at any (fractional) positions `[n]` -> float32 `[n, dim]`."""
   half = dim // 2
   inv_freq = ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
-  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq  # [length, half]
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [n, half]
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def time_aligned_init(base, rows: range, codes: jax.Array, axis: int):
+  """Initialiser: `base`, then `codes` `[len(rows), dim]` written into rows (axis 0, an embedding
+  table) or columns (axis 1, an output kernel) `rows` of the parameter."""
+  def init(key, shape, dtype=jnp.float32):
+    x = base(key, shape, dtype)
+    index = (slice(rows.start, rows.stop),) if axis == 0 else (slice(None), slice(rows.start, rows.stop))
+    return x.at[index].set((codes if axis == 0 else codes.T).astype(dtype))
+  return init
 
 
 def apply_rope(x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -245,6 +263,11 @@ class Decoder(nn.Module):
     prefix_pool: average-pools the audio features in time by this factor first.
     dtype: compute dtype; parameters are stored in `param_dtype`.
     remat: rematerialise each block in the backward pass (not in decode mode).
+    time_tokens: (first id, count, prefix frames per token) of the time tokens, or None.
+      Given (prefix conditioning only), time token i's embedding row and output-head
+      column start as the sinusoidal position code of the prefix frame it names
+      (frame i x frames per token), scaled by TIME_CODE_SCALE: naming a time and
+      attending to its frame start aligned instead of being learnt from scratch.
   """
   vocab_size: int
   num_layers: int
@@ -256,6 +279,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  time_tokens: tuple | None = None
 
   def _check(self):
     if self.conditioning not in CONDITIONINGS:
@@ -265,6 +289,9 @@ class Decoder(nn.Module):
                        "(RoPE rotates feature pairs)")
     if self.prefix_pool < 1:
       raise ValueError(f"Decoder.prefix_pool must be >= 1, got {self.prefix_pool}")
+    if self.time_tokens is not None and self.conditioning != "prefix":
+      raise ValueError("Decoder.time_tokens aligns time tokens with the prefix's position code: it needs "
+                       f"conditioning='prefix', got {self.conditioning!r}")
 
   @nn.compact
   def __call__(self, tokens, audio=None, *, decode=False):
@@ -291,7 +318,14 @@ class Decoder(nn.Module):
       raise ValueError(f"{tokens.shape[1]} tokens exceed Decoder.max_len={self.max_len}; "
                        "raise config.data.max_tokens or crop the sequence")
     prefix = self.conditioning == "prefix"
-    x = nn.Embed(self.vocab_size, self.dim, embedding_init=nn.initializers.normal(0.02),
+    embed_init, head_init = nn.initializers.normal(0.02), nn.initializers.lecun_normal()
+    if self.time_tokens is not None:
+      first, count, frames_per_token = self.time_tokens
+      rows = range(first, first + count)
+      codes = TIME_CODE_SCALE * sinusoids(jnp.arange(count) * frames_per_token, self.dim)  # [count, dim]
+      embed_init = time_aligned_init(embed_init, rows, codes, axis=0)
+      head_init = time_aligned_init(head_init, rows, codes, axis=1)
+    x = nn.Embed(self.vocab_size, self.dim, embedding_init=embed_init,
                  dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(tokens)  # [batch, n, dim]
     memory, num_prefix = None, 0
     if audio is not None:
@@ -325,7 +359,8 @@ class Decoder(nn.Module):
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}")(x, positions, rope_positions, memory)
     x = nn.RMSNorm(epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     x = x[:, num_prefix:]  # [batch, n, dim]: logits for note tokens only
-    head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="head")
+    head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=head_init, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="head")
     logits = rowwise(head, x)  # [batch, n, vocab]
     return logits.astype(jnp.float32)
 

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hiermt import notes
 from hiermt import vocabulary
 from hiermt.models import crnn
 from hiermt.models import decoder as decoder_lib
@@ -92,15 +93,23 @@ def build_encoder(config) -> nn.Module:
   raise ValueError(f"unknown config.encoder.name {name!r}; valid: crnn, hppnet")
 
 
+ENCODER_CLASSES = {"crnn": crnn.CRNN, "hppnet": hppnet.HPPNet}
+
+
 def build_decoder(config) -> decoder_lib.Decoder:
-  """The note-token decoder of `config.decoder` (sizes, conditioning, pooling) and `config.train`."""
+  """The note-token decoder of `config.decoder` (sizes, conditioning, pooling, time-token
+  initialisation) and `config.train`."""
   d = config.decoder
   if config.data.max_tokens <= 0:
     raise ValueError(f"config.data.max_tokens must be positive for stage {config.stage!r}")
+  time_tokens = None
+  if d.time_init:
+    frames_per_second = ENCODER_CLASSES[config.encoder.name].FRAMES_PER_SECOND / d.prefix_pool
+    time_tokens = (vocabulary.TIME_OFFSET, vocabulary.NUM_TIMES, frames_per_second / notes.STEPS_PER_SECOND)
   return decoder_lib.Decoder(
       vocab_size=vocabulary.VOCAB_SIZE, num_layers=d.num_layers, num_heads=d.num_heads, dim=d.dim,
       max_len=config.data.max_tokens, conditioning=d.conditioning, prefix_pool=d.prefix_pool,
-      dtype=compute_dtype(config), remat=config.train.remat)
+      dtype=compute_dtype(config), remat=config.train.remat, time_tokens=time_tokens)
 
 
 def compute_dtype(config) -> Any:
