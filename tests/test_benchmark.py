@@ -1,4 +1,4 @@
-"""Tests for `python -m hiermt.benchmark --what=decode|transcribe` at runlocal sizes.
+"""Tests for `python -m hiermt.benchmark --what=decode|transcribe|accumulation` at runlocal sizes.
 
 Nothing here is timed: the checks are that both modes run end to end and that
 their reports are consistent, above all that the strategies `decode` compares
@@ -10,12 +10,17 @@ import json
 
 from absl import flags
 from absl.testing import flagsaver
+import jax
 import numpy as np
 import pytest
 
+from conftest import override
 from hiermt import audio as audio_lib
+from hiermt import train
 from hiermt.benchmark import cli
 from hiermt.benchmark import decode
+from hiermt.benchmark import loader
+from hiermt.benchmark import train as train_benchmark
 from hiermt.benchmark import transcription
 
 STAGES = ("onset_pitch", "velocity", "offset", "flatten")
@@ -82,3 +87,24 @@ def test_dense_audio_has_the_asked_length_and_level():
   audio = transcription.dense_audio(3.0, 20.0)
   assert audio.dtype == np.float32 and audio.shape == (3 * audio_lib.SAMPLE_RATE,)
   assert np.abs(audio).max() == pytest.approx(0.9, rel=1e-3)
+
+
+def test_accumulation_times_k_micro_batches_against_one(capsys, corpus_cache, monkeypatch):
+  with pytest.raises(ValueError, match="must hold 1"):
+    train_benchmark.accumulation_report(["velocity"], "runlocal", [2, 4], 1, 1)
+  # Two devices and a frozen encoder keep the compiles short; the report's math is the same.
+  stage_config = loader.stage_config
+  monkeypatch.setattr(loader, "stage_config", lambda *args: override(
+      stage_config(*args), **{"data.cache_dir": str(corpus_cache), "freeze_encoder": True}))
+  compiled = []
+  compile_steps = train.compile_steps
+  monkeypatch.setattr(train, "compile_steps",
+                      lambda config: compiled.append(compile_steps(config, jax.devices()[:2])) or compiled[-1])
+  report = _run(capsys, what="accumulation", stages=["velocity"], accums=["2", "1"], steps=1, rounds=2)
+  stage = report["stages"]["velocity"]
+  # runlocal's batch of 2 on 2 devices is one micro-batch; the k = 2 step holds two.
+  assert [(c.config.train.batch_size, c.config.train.grad_accum) for c in compiled] == [(2, 1), (4, 2)]
+  assert stage["micro_batch"] == 2
+  step_s = {int(k): s for k, s in stage["step_s"].items()}
+  assert step_s[1] > 0 and step_s[2] > 0
+  np.testing.assert_allclose(stage["overhead"]["2"], step_s[2] / (2 * step_s[1]) - 1, atol=1e-3)

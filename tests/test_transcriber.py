@@ -66,6 +66,8 @@ def test_time_init_maps_10ms_time_tokens_to_pooled_prefix_frames(encoder, per_to
   # HPPNet 50 frames/s -> 0.125.
   config = base.get_config(f"velocity,encoder={encoder},runlocal")
   assert transcriber.build_decoder(config).time_tokens is None
+  del config.decoder["time_init"]  # a config.json saved before the option existed
+  assert transcriber.build_decoder(config).time_tokens is None
   config.decoder.time_init = True
   assert transcriber.build_decoder(config).time_tokens == (vocabulary.TIME_OFFSET, 1001, per_token)
 

@@ -10,6 +10,11 @@
   --what=train [--stages=...] [--config_arg=runlocal] [--steps=4 --rounds=5]
       Whole train steps fed by the real loader and by one in-memory batch, in
       alternating rounds (train.py).
+  --what=accumulation [--stages=...] [--accums=1,2,4] [--config_arg=runlocal] [--steps=2 --rounds=5]
+      Step time at train.grad_accum = k against k x one micro-batch's step, on
+      fixed batches, in alternating rounds (train.py). Run with forced CPU
+      devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) to check that
+      micro-batches stay split over all devices.
   --what=vs_official --official_repo=DIR [--torch_python=PY] [--sizes=tiny,base]
       The official PyTorch decoder training step and ours at equal
       configuration, one after the other (official.py).

@@ -15,20 +15,25 @@ from hiermt.benchmark import transcription
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("what", None,
-                    "what to measure: params | train_step | loader | train | vs_official | decode | transcribe")
+                    "what to measure: params | train_step | loader | train | accumulation | vs_official | decode | "
+                    "transcribe")
 flags.DEFINE_list("sizes", ["nano", "micro", "tiny"], "train_step/vs_official/decode: decoder sizes "
                   "(configs/base.py DECODER_SIZES)")
 flags.DEFINE_enum("encoder", "crnn", base.ENCODERS, "train_step/decode: encoder whose features condition the "
                   "decoder; transcribe: the LM stages' and roll layout's encoder")
 flags.DEFINE_integer("batch", 2, "train_step: examples per step")
 flags.DEFINE_integer("tokens", 1024, "train_step: tokens per example")
-flags.DEFINE_integer("steps", 2, "train_step: timed steps after one warm-up step; train: steps per round")
-flags.DEFINE_integer("rounds", 5, "train: alternating rounds of in-memory and loader-fed steps")
-flags.DEFINE_list("stages", list(base.STAGES), "loader/train: stages to measure")
-flags.DEFINE_string("data_dir", "", "loader/train: MAESTRO-layout corpus (empty: the generated runlocal corpus)")
+flags.DEFINE_integer("steps", 2, "train_step: timed steps after one warm-up step; train, accumulation: steps "
+                     "per round")
+flags.DEFINE_integer("rounds", 5, "train: alternating rounds of in-memory and loader-fed steps; accumulation: "
+                     "alternating rounds of the accumulation factors")
+flags.DEFINE_list("accums", ["1", "2", "4"], "accumulation: train.grad_accum factors to time (1 is the reference)")
+flags.DEFINE_list("stages", list(base.STAGES), "loader/train/accumulation: stages to measure")
+flags.DEFINE_string("data_dir", "", "loader/train/accumulation: MAESTRO-layout corpus (empty: the generated runlocal corpus)")
 flags.DEFINE_integer("loader_batches", 100, "loader: timed batches after one warm-up batch")
 flags.DEFINE_integer("loader_batch", 16, "loader: examples per batch")
-flags.DEFINE_string("config_arg", "runlocal", "train: options appended to STAGE for configs/base.py")
+flags.DEFINE_string("config_arg", "runlocal", "train, accumulation: options appended to STAGE for "
+                    "configs/base.py")
 flags.DEFINE_integer("workers", 1, "train: Grain worker processes feeding the timed loop")
 flags.DEFINE_string("official_repo", "", "vs_official/decode: checkout of the official PyTorch repository "
                     "(decode: empty skips the official PyTorch side)")
@@ -86,6 +91,8 @@ MODES = {
     "loader": lambda: loader.loader_report(FLAGS.stages, FLAGS.loader_batches, FLAGS.loader_batch, FLAGS.data_dir),
     "train": lambda: train.train_report(FLAGS.stages, FLAGS.config_arg, FLAGS.steps, FLAGS.rounds, FLAGS.workers,
                                         FLAGS.data_dir),
+    "accumulation": lambda: train.accumulation_report(FLAGS.stages, FLAGS.config_arg, [int(k) for k in FLAGS.accums],
+                                                      FLAGS.steps, FLAGS.rounds, FLAGS.data_dir),
     "vs_official": lambda: {size: official.compare(FLAGS.official_repo, size, FLAGS.batch, FLAGS.tokens,
                                                    FLAGS.steps, FLAGS.torch_python or None, FLAGS.threads)
                             for size in FLAGS.sizes},

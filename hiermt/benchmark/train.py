@@ -115,3 +115,51 @@ def train_report(stages, options, steps, rounds, workers, data_dir="") -> dict:
         "examples_per_s": round(config.train.batch_size / fed, 3),
         "tokens_per_s": round(tokens / fed, 1) if tokens else None}
   return report
+
+
+def accumulation_report(stages, options, accums, steps, rounds, data_dir="") -> dict:
+  """Step time at `train.grad_accum` = k against k x the step time of one micro-batch, per stage.
+
+  At k = 1 a step holds one micro-batch (the config's batch, fitted to the devices); at k it holds
+  k of them, so it does k times the work: `overhead` = step(k) / (k x step(1)) - 1 is what
+  accumulation itself costs (0 = none). Each k trains on one fixed batch held in memory; the ks
+  alternate, `rounds` times `steps` steps each, and each k's time is the median over its rounds.
+
+  Raises:
+    ValueError: `accums` lacks 1 or holds a k < 1.
+  """
+  if 1 not in accums or min(accums) < 1:
+    raise ValueError(f"accums must hold 1 (the reference) and only values >= 1, got {accums}")
+  report = {"devices": jax.device_count(), "device": jax.devices()[0].device_kind, "options": options,
+            "steps_per_round": steps, "rounds": rounds, "stages": {}}
+  for stage in stages:
+    runs = {}
+    micro = None
+    for k in sorted(accums):
+      config = loader.stage_config(stage, options, data_dir)
+      config.init_from = "none"
+      config.train.grad_accum = k
+      if micro is not None:
+        config.train.batch_size = micro * k
+      c = train.compile_steps(config)
+      micro = micro or c.config.train.batch_size
+      host = next(iter(pipeline.make_dataset(c.config, c.config.data.train_split, seed=0)))
+      host.pop("truncated", None)
+      batch = partitioning.global_batch(c.mesh, host)
+      state, metrics = c.train_fn(c.state, batch, c.step_rng)  # compile + warm-up
+      jax.block_until_ready(metrics)
+      runs[k] = {"compiled": c, "batch": batch, "state": state, "times": []}
+    for _ in range(rounds):
+      for run in runs.values():
+        c, state = run["compiled"], run["state"]
+        start = time.perf_counter()
+        for _ in range(steps):
+          state, metrics = c.train_fn(state, run["batch"], c.step_rng)
+        jax.block_until_ready(metrics)
+        run["times"].append((time.perf_counter() - start) / steps)
+        run["state"] = state
+    step_s = {k: statistics.median(run["times"]) for k, run in runs.items()}
+    report["stages"][stage] = {
+        "micro_batch": micro, "step_s": {k: round(s, 6) for k, s in step_s.items()},
+        "overhead": {k: round(s / (k * step_s[1]) - 1.0, 4) for k, s in step_s.items() if k > 1}}
+  return report

@@ -103,7 +103,7 @@ def build_decoder(config) -> decoder_lib.Decoder:
   if config.data.max_tokens <= 0:
     raise ValueError(f"config.data.max_tokens must be positive for stage {config.stage!r}")
   time_tokens = None
-  if d.time_init:
+  if d.get("time_init", False):  # absent from the config.json of stages trained before it existed
     frames_per_second = ENCODER_CLASSES[config.encoder.name].FRAMES_PER_SECOND / d.prefix_pool
     time_tokens = (vocabulary.TIME_OFFSET, vocabulary.NUM_TIMES, frames_per_second / notes.STEPS_PER_SECOND)
   return decoder_lib.Decoder(
