@@ -29,7 +29,8 @@ flags.DEFINE_integer("rounds", 5, "train: alternating rounds of in-memory and lo
                      "alternating rounds of the accumulation factors")
 flags.DEFINE_list("accums", ["1", "2", "4"], "accumulation: train.grad_accum factors to time (1 is the reference)")
 flags.DEFINE_list("stages", list(base.STAGES), "loader/train/accumulation: stages to measure")
-flags.DEFINE_string("data_dir", "", "loader/train/accumulation: MAESTRO-layout corpus (empty: the generated runlocal corpus)")
+flags.DEFINE_string("data_dir", "", "loader/train/accumulation: MAESTRO-layout corpus (empty: the generated "
+                    "runlocal corpus)")
 flags.DEFINE_integer("loader_batches", 100, "loader: timed batches after one warm-up batch")
 flags.DEFINE_integer("loader_batch", 16, "loader: examples per batch")
 flags.DEFINE_string("config_arg", "runlocal", "train, accumulation: options appended to STAGE for "

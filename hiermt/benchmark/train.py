@@ -55,6 +55,15 @@ def train_step_report(sizes, encoder="crnn", batch=2, tokens=1024, steps=2) -> d
   return report
 
 
+def _timed_steps(c, state, next_batch, steps):
+  """Seconds per step of `steps` train steps of `c` (train.Compiled) on `next_batch()`; and the state."""
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = c.train_fn(state, next_batch(), c.step_rng)
+  jax.block_until_ready(metrics)
+  return (time.perf_counter() - start) / steps, state
+
+
 def train_report(stages, options, steps, rounds, workers, data_dir="") -> dict:
   """Train-step time with the real loader vs. one batch held in memory, per stage.
 
@@ -82,13 +91,6 @@ def train_report(stages, options, steps, rounds, workers, data_dir="") -> dict:
     state, metrics = c.train_fn(c.state, fixed, c.step_rng)  # compile + warm-up
     jax.block_until_ready(metrics)
 
-    def timed(next_batch, state):
-      start = time.perf_counter()
-      for _ in range(steps):
-        state, metrics = c.train_fn(state, next_batch(), c.step_rng)
-      jax.block_until_ready(metrics)
-      return (time.perf_counter() - start) / steps, state
-
     waits = []  # seconds the loop spent blocked on the loader, per loader-fed step
 
     def from_loader():
@@ -100,9 +102,9 @@ def train_report(stages, options, steps, rounds, workers, data_dir="") -> dict:
 
     rounds_in_memory, rounds_loader = [], []
     for _ in range(rounds):
-      seconds, state = timed(lambda: fixed, state)
+      seconds, state = _timed_steps(c, state, lambda: fixed, steps)
       rounds_in_memory.append(seconds)
-      seconds, state = timed(from_loader, state)
+      seconds, state = _timed_steps(c, state, from_loader, steps)
       rounds_loader.append(seconds)
     in_memory, fed = statistics.median(rounds_in_memory), statistics.median(rounds_loader)
     report["stages"][stage] = {
@@ -151,13 +153,8 @@ def accumulation_report(stages, options, accums, steps, rounds, data_dir="") -> 
       runs[k] = {"compiled": c, "batch": batch, "state": state, "times": []}
     for _ in range(rounds):
       for run in runs.values():
-        c, state = run["compiled"], run["state"]
-        start = time.perf_counter()
-        for _ in range(steps):
-          state, metrics = c.train_fn(state, run["batch"], c.step_rng)
-        jax.block_until_ready(metrics)
-        run["times"].append((time.perf_counter() - start) / steps)
-        run["state"] = state
+        seconds, run["state"] = _timed_steps(run["compiled"], run["state"], lambda run=run: run["batch"], steps)
+        run["times"].append(seconds)
     step_s = {k: statistics.median(run["times"]) for k, run in runs.items()}
     report["stages"][stage] = {
         "micro_batch": micro, "step_s": {k: round(s, 6) for k, s in step_s.items()},

@@ -93,9 +93,6 @@ def build_encoder(config) -> nn.Module:
   raise ValueError(f"unknown config.encoder.name {name!r}; valid: crnn, hppnet")
 
 
-ENCODER_CLASSES = {"crnn": crnn.CRNN, "hppnet": hppnet.HPPNet}
-
-
 def build_decoder(config) -> decoder_lib.Decoder:
   """The note-token decoder of `config.decoder` (sizes, conditioning, pooling, time-token
   initialisation) and `config.train`."""
@@ -104,7 +101,7 @@ def build_decoder(config) -> decoder_lib.Decoder:
     raise ValueError(f"config.data.max_tokens must be positive for stage {config.stage!r}")
   time_tokens = None
   if d.get("time_init", False):  # absent from the config.json of stages trained before it existed
-    frames_per_second = ENCODER_CLASSES[config.encoder.name].FRAMES_PER_SECOND / d.prefix_pool
+    frames_per_second = type(build_encoder(config)).FRAMES_PER_SECOND / d.prefix_pool
     time_tokens = (vocabulary.TIME_OFFSET, vocabulary.NUM_TIMES, frames_per_second / notes.STEPS_PER_SECOND)
   return decoder_lib.Decoder(
       vocab_size=vocabulary.VOCAB_SIZE, num_layers=d.num_layers, num_heads=d.num_heads, dim=d.dim,
