@@ -3,6 +3,7 @@
 import statistics
 import time
 
+from absl import logging
 import jax
 import optax
 
@@ -138,6 +139,7 @@ def accumulation_report(stages, options, accums, steps, rounds, data_dir="") -> 
     runs = {}
     micro = None
     for k in sorted(accums):
+      logging.info("accumulation: %s, grad_accum %d: compiling and one warm-up step…", stage, k)
       config = loader.stage_config(stage, options, data_dir)
       config.init_from = "none"
       config.train.grad_accum = k
@@ -151,7 +153,8 @@ def accumulation_report(stages, options, accums, steps, rounds, data_dir="") -> 
       state, metrics = c.train_fn(c.state, batch, c.step_rng)  # compile + warm-up
       jax.block_until_ready(metrics)
       runs[k] = {"compiled": c, "batch": batch, "state": state, "times": []}
-    for _ in range(rounds):
+    for r in range(rounds):
+      logging.info("accumulation: %s, timing round %d/%d", stage, r + 1, rounds)
       for run in runs.values():
         seconds, run["state"] = _timed_steps(run["compiled"], run["state"], lambda run=run: run["batch"], steps)
         run["times"].append(seconds)
