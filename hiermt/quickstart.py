@@ -13,8 +13,9 @@ them can be re-run by hand. Re-running the quickstart resumes: stages that
 finished are skipped, an interrupted stage continues from its checkpoint, a
 finished evaluation is only printed again.
 
-Presets (`--preset`): `cpu` (default) is the CPU recipe; `smoke` runs the same
-chain with the seconds-long `runlocal` configs (what CI runs).
+Presets (`--preset`): `cpu` (default) is the CPU recipe; `gpu` the same chain at
+the published sizes (full-width encoder, `tiny` decoder) for one GPU; `smoke` runs
+it with the seconds-long `runlocal` configs (what CI runs).
 """
 
 import dataclasses
@@ -57,6 +58,7 @@ class Preset:
     stage_overrides: extra flags per stage.
     corpus_minutes: audio rendered for the corpus.
     shares: fraction of the training budget per stage (they sum to 1).
+    encoder_widths: `encoder.width` per encoder name; an encoder not named keeps its config's width.
     eval_flags: extra flags of `hiermt.evaluate`.
   """
   options: str
@@ -64,6 +66,7 @@ class Preset:
   stage_overrides: dict
   corpus_minutes: float
   shares: dict
+  encoder_widths: dict = dataclasses.field(default_factory=dict)
   eval_flags: tuple = ()
 
 
@@ -91,7 +94,23 @@ PRESETS = {
         # Every layout reads the encoder (HPPNet's decoder features are its rolls): it gets half.
         # A 20-minute run gave it 40 % (201 steps): frame F1 0.63, yet not one onset above the
         # peak-picking threshold.
-        shares={"encoder": 0.5, "onset_pitch": 0.2, "velocity": 0.075, "offset": 0.075, "flatten": 0.15}),
+        shares={"encoder": 0.5, "onset_pitch": 0.2, "velocity": 0.075, "offset": 0.075, "flatten": 0.15},
+        # Full widths cost 256 (CRNN) and 134 (HPPNet) GFLOPs per 10 s forward: minutes per
+        # step on two cores.
+        encoder_widths={"crnn": 0.125, "hppnet": 0.25}),
+    # One GPU: the encoder at its published width and recipe (10 s segments, batch 12), the
+    # `tiny` decoder over the unpooled prefix. The LM stages keep the CPU recipe's lr and
+    # time-aligned init: a short budget needs both. Validation is the teacher-forced loss only
+    # (a decode pass compiles for tens of seconds, a large part of a short stage).
+    "gpu": Preset(
+        options="size=tiny",
+        overrides={"train.steps": 1_000_000, "train.log_every": 50, "train.checkpoint_every": 500,
+                   "train.eval_every": 1_000_000, "train.eval_on_preemption": True, "train.eval_batches": 2,
+                   "train.eval_pieces": 0, "train.batch_size": 32, "train.lr": 1e-3, "train.warmup_steps": 50,
+                   "decoder.time_init": True, "freeze_encoder": True, "data.worker_count": 8},
+        stage_overrides={"encoder": {"train.batch_size": 12, "train.warmup_steps": 0}},
+        corpus_minutes=45.0,
+        shares={"encoder": 0.4, "onset_pitch": 0.25, "velocity": 0.1, "offset": 0.1, "flatten": 0.15}),
     "smoke": Preset(
         options="runlocal", overrides={"freeze_encoder": True}, stage_overrides={}, corpus_minutes=3.0,
         shares={s: 0.2 for s in STAGES}, eval_flags=("--max_pieces=1", "--plot_seconds=0")),
@@ -101,17 +120,11 @@ PRESETS = {
 _OVERHEAD_SHARE = 0.2
 
 
-def _encoder_width(encoder):
-  # Full widths cost 256 (CRNN) and 134 (HPPNet) GFLOPs per 10 s forward: minutes per
-  # step on two cores.
-  return {"crnn": 0.125, "hppnet": 0.25}[encoder]
-
-
 def stage_command(python, stage, encoder, preset, workdir, data_dir):
   """The `hiermt.main` command that trains `stage` for the quickstart."""
   overrides = dict(preset.overrides)
-  if preset.options != "runlocal":
-    overrides["encoder.width"] = _encoder_width(encoder)
+  if encoder in preset.encoder_widths:
+    overrides["encoder.width"] = preset.encoder_widths[encoder]
   overrides.update(preset.stage_overrides.get(stage, {}))
   overrides["data.data_dir"] = data_dir
   return ([python, "-m", "hiermt.main", f"--config=configs/base.py:{stage},encoder={encoder},{preset.options}",
@@ -274,7 +287,7 @@ def _define_flags():
   flags.DEFINE_float("minutes", 20.0, "Wall-clock budget for the whole run, in minutes.", lower_bound=1.0)
   flags.DEFINE_enum("encoder", "hppnet", ["hppnet", "crnn"],
                     "Roll-based encoder to pretrain (HPPNet learns fastest at CPU sizes).")
-  flags.DEFINE_enum("preset", "cpu", list(PRESETS), "cpu: the CPU recipe; smoke: runlocal configs (CI).")
+  flags.DEFINE_enum("preset", "cpu", list(PRESETS), "cpu: the CPU recipe; gpu: published sizes for one GPU; smoke: runlocal configs (CI).")
   flags.DEFINE_string("data_dir", "", "An existing MAESTRO-layout corpus to use instead of rendering one.")
 
 

@@ -23,7 +23,14 @@ def test_stage_command_is_an_ordinary_training_command():
   assert "--config.data.segment_seconds=4.0" not in crnn
   encoder = quickstart.stage_command("py", "encoder", "crnn", quickstart.PRESETS["cpu"], "/w", "/c")
   assert "--config.data.segment_seconds=4.0" in encoder and "--config.train.warmup_steps=0" in encoder
-  assert abs(sum(quickstart.PRESETS["cpu"].shares.values()) - 1.0) < 1e-9
+  gpu = quickstart.stage_command("py", "onset_pitch", "hppnet", quickstart.PRESETS["gpu"], "/w", "/c")
+  gpu_flags = dict(f.removeprefix("--config.").split("=", 1) for f in gpu[5:])
+  # published width: the config's own encoder.width (1.0) stands
+  assert "encoder.width" not in gpu_flags and gpu_flags["train.batch_size"] == "32"
+  gpu_encoder = quickstart.stage_command("py", "encoder", "hppnet", quickstart.PRESETS["gpu"], "/w", "/c")
+  assert "--config.train.batch_size=12" in gpu_encoder
+  for preset in quickstart.PRESETS.values():
+    assert abs(sum(preset.shares.values()) - 1.0) < 1e-9
 
 
 def test_budget_stops_a_stage_with_sigterm(tmp_path):
