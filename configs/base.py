@@ -153,6 +153,9 @@ def get_config(arg=None):
   c.train.grad_clip = 1.0  # global-norm clipping; 0 = none
   if stage == "encoder":
     c.train.update(ENCODER_RECIPES[opts["encoder"]])
+  # LM stages over a frozen encoder: encode this many training crops once and train the decoder on
+  # random batches of them (hiermt/feature_pool.py); 0: every batch goes through the encoder.
+  c.train.feature_pool = 0
   c.train.grad_accum = 1
   c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.train.remat = False

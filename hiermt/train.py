@@ -34,6 +34,7 @@ import optax
 from tensorboard.summary import Writer
 
 from hiermt import checkpoint
+from hiermt import feature_pool
 from hiermt import objectives
 from hiermt import partitioning
 from hiermt import validation
@@ -129,16 +130,17 @@ def _forward(model, config, params, batch_stats, batch, rng, train, counts=None)
 
   `counts` (`loss_counts`) normalise the loss terms; default: this batch's own.
   """
-  audio = batch["audio"].astype(jnp.float32) / 32768.0  # [batch, samples]
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
   mutable = ["batch_stats"] if (train and batch_stats) else False
   kwargs = dict(train=train, rngs={"dropout": rng} if train else None, mutable=mutable)
-  if config.stage == "encoder":
-    result = model.apply(variables, audio, **kwargs)
+  if "features" in batch:  # a frozen encoder's features, encoded once (hiermt/feature_pool.py)
+    result = model.apply(variables, batch["features"], batch["tokens"], method="decode_features", **kwargs)
   else:
-    result = model.apply(variables, audio, batch["tokens"], **kwargs)
+    audio = batch["audio"].astype(jnp.float32) / 32768.0  # [batch, samples]
+    inputs = (audio,) if config.stage == "encoder" else (audio, batch["tokens"])
+    result = model.apply(variables, *inputs, **kwargs)
   out, updates = result if mutable else (result, {})
   if config.stage == "encoder":
     loss, metrics = objectives.for_encoder(config.encoder.name).loss(out, batch, counts)
@@ -486,6 +488,7 @@ def run(config, workdir, devices=None):
                  "Nothing to do (raise --config.train.steps to train further).", config.stage, done.step,
                  config.train.steps, os.path.join(directory, "checkpoints"))
     return None
+  feature_pool.check(config)
   c = compile_steps(config, devices)
   config = c.config
   mesh, state, shardings, train_fn, eval_fn, step_rng = c.mesh, c.state, c.shardings, c.train_fn, c.eval_fn, c.step_rng
@@ -510,8 +513,11 @@ def run(config, workdir, devices=None):
   else:
     state = init_encoder_from(state, config, workdir, shardings)
   # Global batch k is a pure function of (seed, k): the data resume at batch `start_step`.
-  train_iter = iter(pipeline.make_dataset(config, config.data.train_split, seed=config.seed,
-                                          first_batch=start_step))
+  if config.train.feature_pool:
+    train_iter = feature_pool.FeaturePool(c.model, state, config, mesh, first_batch=start_step)
+  else:
+    train_iter = iter(pipeline.make_dataset(config, config.data.train_split, seed=config.seed,
+                                            first_batch=start_step))
   t = config.train
   is_main = jax.process_index() == 0
   writer = Writer(os.path.join(directory, "tensorboard")) if is_main else None

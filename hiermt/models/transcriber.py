@@ -55,6 +55,12 @@ class Transcriber(nn.Module):
       raise ValueError("language-model stages need tokens: model.apply(variables, audio, tokens, train=...)")
     return self.decoder(tokens, self.encode(audio, train=train))
 
+  def decode_features(self, features, tokens, *, train: bool = False):
+    """Teacher-forced logits `[batch, length, vocab]` from `encode` features `[batch, frames, d_enc]`
+    computed earlier (a frozen encoder's `train.feature_pool`); the decoder has no train mode."""
+    del train
+    return self.decoder(tokens, features)
+
   def encode(self, audio, *, train: bool = False):
     """Frame features `[batch, frames, d_enc]` of audio `[batch, samples]` (gradient-free when frozen)."""
     features = self.encoder(audio, train=train and not self.freeze_encoder)["features"]
