@@ -183,20 +183,23 @@ def test_bfloat16_encoder_keeps_float32_logits_and_trains_like_float32(encoder):
   rng = np.random.default_rng(0)
   audio = jnp.asarray(rng.uniform(-0.3, 0.3, (2, 16000)).astype(np.float32))
   piece = notes.Notes.create([0.1, 0.4], [0.6, 0.9], [60, 67], [80, 40])
-  final = {}
+  models = {}
   for dtype in ("float32", "bfloat16"):
     config = load_base_config().get_config(f"encoder,runlocal,encoder={encoder}")
     config.train.dtype = dtype
-    model = transcriber.build_model(config)
-    fps = type(model.encoder).FRAMES_PER_SECOND
-    targets = objectives.for_encoder(encoder).targets(piece, 0.0, fps + 1, fps)
-    batch = {k: jnp.asarray(np.stack([v, v])) for k, v in targets.items()}
-    variables = model.init(jax.random.key(0), audio, train=False)
-    out = model.apply(variables, audio, train=False)
+    models[dtype] = transcriber.build_model(config)
+  fps = type(models["float32"].encoder).FRAMES_PER_SECOND
+  targets = objectives.for_encoder(encoder).targets(piece, 0.0, fps + 1, fps)
+  batch = {k: jnp.asarray(np.stack([v, v])) for k, v in targets.items()}
+  # Parameters are float32 whatever the compute dtype: both runs start from one initialisation,
+  # jitted (run op by op, every op of the encoders would compile on its own).
+  variables = jax.jit(lambda key: models["float32"].init(key, audio, train=False))(jax.random.key(0))
+  other = {k: v for k, v in variables.items() if k != "params"}
+  tx = optax.adam(3e-3)
+  final = {}
+  for dtype, model in models.items():
+    out = jax.eval_shape(lambda v: model.apply(v, audio, train=False), variables)
     assert all(v.dtype == jnp.float32 for v in out["logits"].values())
-    tx = optax.adam(3e-3)
-    params, opt_state = variables["params"], tx.init(variables["params"])
-    other = {k: v for k, v in variables.items() if k != "params"}
 
     def loss_fn(params, audio, batch):
       out = model.apply({"params": params, **other}, audio, train=False)
@@ -205,12 +208,12 @@ def test_bfloat16_encoder_keeps_float32_logits_and_trains_like_float32(encoder):
     @jax.jit
     def step(params, opt_state, audio, batch):
       loss, grads = jax.value_and_grad(loss_fn)(params, audio, batch)
-      return (loss, *tx.update(grads, opt_state, params))
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return loss, optax.apply_updates(params, updates), opt_state
 
-    losses = []
+    params, opt_state, losses = variables["params"], tx.init(variables["params"]), []
     for _ in range(8):
-      loss, updates, opt_state = step(params, opt_state, audio, batch)
-      params = optax.apply_updates(params, updates)
+      loss, params, opt_state = step(params, opt_state, audio, batch)
       losses.append(float(loss))
     final[dtype] = losses
   assert final["bfloat16"][-1] < 0.9 * final["bfloat16"][0]
