@@ -35,10 +35,11 @@ LOSS_RTOL = 2e-4
 # frozen encoder: the same code path as any stage, at a fraction of the CPU time.
 # 2 s crops (the encoder's cost grows with the crop; nothing checked here depends on
 # its length); 32 tokens truncate some of their sequences, so that their count is checked too.
+# One evaluation, at the end: the resumed two-process run validates there.
 CROP_SECONDS = 2.0
 LM_STEPS = 8
-LM_OVERRIDES = {"freeze_encoder": True, "train.steps": LM_STEPS, "data.segment_seconds": CROP_SECONDS,
-                "data.max_tokens": 32}
+LM_OVERRIDES = {"freeze_encoder": True, "train.steps": LM_STEPS, "train.eval_every": LM_STEPS,
+                "data.segment_seconds": CROP_SECONDS, "data.max_tokens": 32}
 LM_FLAGS = tuple(f"--config.{k}={v}" for k, v in LM_OVERRIDES.items())
 
 
