@@ -75,10 +75,20 @@ def assert_same_training_state(got, want, lr, steps, stats_tol=(1e-4, 1e-6)):
   assert off <= 1e-3 * diffs.size and diffs.max() <= 2 * lr * steps, (off, diffs.size, diffs.max(), lr)
 
 
-# The longest files, longest first. The suite runs on two xdist workers, one file at a time each
-# (--dist loadfile): a long file handed out last would keep one worker busy while the other idles.
-_LONGEST_FILES = ("test_train.py", "test_transcribe.py", "test_quickstart.py", "test_train_step.py",
-                  "test_benchmark.py", "test_decode.py", "test_objectives.py")
+# The longest files, longest first (measured on the 2-core machine). The suite runs on two xdist
+# workers, one file at a time each (--dist loadfile), each taking the next file when it is done with
+# its current one: a long file handed out last would keep one worker busy while the other idles.
+_LONGEST_FILES = ("test_train.py", "test_train_step.py", "test_transcribe.py", "test_quickstart.py",
+                  "test_decode.py", "test_validation.py", "test_benchmark.py", "test_device_counts.py",
+                  "test_feature_pool.py", "test_encoders.py", "test_import_encoder.py", "test_objectives.py")
+
+
+def pytest_configure(config):
+  """Makes xdist hand out the files in the order of pytest_collection_modifyitems: by default
+  (pytest-xdist >= 3.6) it hands out the files with the most tests first, which put one-test files
+  of minutes at the end."""
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):
