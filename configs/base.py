@@ -169,6 +169,10 @@ def get_config(arg=None):
   # Also evaluate the state a preemption (SIGTERM) saves, so that it can become the best one.
   # Off by default: a scheduler's grace period may not cover a transcription pass.
   c.train.eval_on_preemption = False
+  # Encoder stage: choose the Roll thresholds on the validation pieces at each evaluation
+  # (hiermt/roll_notes.py `calibrate`) and save them with the checkpoint for `transcribe`;
+  # False keeps the config's `roll` thresholds (the published ones).
+  c.train.calibrate_roll = True
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
   # Parameter sharding over an `fsdp` mesh axis of this size (1: pure data parallel).

@@ -64,14 +64,18 @@ class _DropUnscoredWarning(std_logging.Filter):
     return "did not provide metrics" not in record.getMessage()
 
 
-def save(manager, step, state, *, force=False, score=None):
+def save(manager, step, state, *, force=False, score=None, extra=None):
   """Saves state (asynchronously) and the data position at `step`: the run continues with batch `step`.
 
   `score`: the validation score of `state` (higher is better), which makes the
   checkpoint a candidate for the best one; every process must pass the same value.
+  `extra`: more numbers stored beside the score (name -> float, e.g. the Roll
+  thresholds calibrated with it), read back as `Choice.metrics`; only with a score.
   """
   args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"next_batch": int(step)}))
-  metrics = None if score is None else {SCORE: float(score)}
+  if extra and score is None:
+    raise ValueError("checkpoint.save: `extra` metrics need a `score`")
+  metrics = None if score is None else {SCORE: float(score), **{k: float(v) for k, v in (extra or {}).items()}}
   with _filtered(_DropUnscoredWarning()):
     return manager.save(step, args=args, metrics=metrics, force=force)
 
@@ -190,12 +194,14 @@ class Choice:
     latest: the newest checkpoint's step.
     requested: what the caller asked for; "best" falls back to the latest when no
       checkpoint carries a score (the stage was trained without validation).
+    metrics: everything saved with its score (`save`), None when it has no score.
   """
   step: int
   kind: str
   score: float | None
   latest: int
   requested: str
+  metrics: dict | None = None
 
   def describe(self) -> str:
     """One line for logs: which checkpoint, its score, and the fallback if there was one."""
@@ -226,11 +232,13 @@ def choose(directory, which="latest"):
       return None
     best = manager.best_step() if which == "best" else None
     step = latest if best is None else best
-    metrics = manager.metrics(step) if best is not None else None
+    metrics = manager.metrics(step)
   finally:
     manager.close()
+  metrics = dict(metrics) if metrics else None
   return Choice(step=step, kind="latest" if best is None else "best",
-                score=None if metrics is None else float(_score(metrics)), latest=latest, requested=which)
+                score=None if metrics is None else float(_score(metrics)), latest=latest, requested=which,
+                metrics=metrics)
 
 
 def _state_path(directory, which, missing_hint):
@@ -318,14 +326,14 @@ def load_variables(directory, missing_hint, which="latest"):
     which: "best" or "latest" (`choose`).
 
   Returns:
-    ({"params": ..., "batch_stats": ...}, step).
+    ({"params": ..., "batch_stats": ...}, the `Choice` read).
   Raises:
     FileNotFoundError: no checkpoint in `directory`.
   """
   path, choice = _state_path(directory, which, missing_hint)
   log = logging.warning if choice.kind != choice.requested else logging.info
   log("%s: %s", directory, choice.describe())
-  return _restore_subtrees(path, {"params": (), "batch_stats": ()}), choice.step
+  return _restore_subtrees(path, {"params": (), "batch_stats": ()}), choice
 
 
 def load_encoder(directory, like=None):
@@ -358,17 +366,17 @@ def load_encoder(directory, like=None):
   return out
 
 
-def write_stage(directory, config, state, score=None):
+def write_stage(directory, config, state, score=None, extra=None):
   """Writes `state` as the newest checkpoint of a stage directory, with its config.json.
 
   For checkpoints made outside the training loop (imported encoders, tests,
   benchmarks): `transcribe.load` and the encoder hand-over read them like any
   other; a training run in that directory resumes from them at batch `state.step`
-  as from its own. `score`: a validation score, as `save`.
+  as from its own. `score`, `extra`: a validation score and what is saved with it, as `save`.
   """
   write_config(directory, config)
   manager = make_manager(directory, config)
-  save(manager, int(state.step), state, force=True, score=score)
+  save(manager, int(state.step), state, force=True, score=score, extra=extra)
   manager.wait_until_finished()
   manager.close()
 

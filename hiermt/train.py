@@ -572,18 +572,19 @@ def run(config, workdir, devices=None):
         summary["truncated_sequences"] = truncated
         if is_main:
           _log(writer, metrics_log, "train", step, summary, t.steps)
-      score = None
+      score, extra = None, None
       if eval_now:
         start = time.time()
         eval_summary = evaluate(config, state, mesh, eval_step) if t.eval_batches > 0 else {}
         if validator is not None:
           eval_summary.update(validator(state))
           score = eval_summary[validation.score_key(config.stage)]
+          extra = {key: eval_summary[key] for key in validator.saved_keys}
         paused += time.time() - start
         if is_main:
           _log(writer, metrics_log, "eval", step, eval_summary, t.steps)
       if save_now:
-        checkpoint.save(manager, step, state, force=True, score=score)
+        checkpoint.save(manager, step, state, force=True, score=score, extra=extra)
       if preempted:
         logging.warning("preempted: saved step %d; exiting so that the job can be requeued", step)
         break
@@ -610,5 +611,5 @@ def _log(writer, metrics_log, prefix, step, summary, total):
   metrics_log.write(json.dumps({"split": prefix, "step": step, **summary}) + "\n")
   metrics_log.flush()
   shown = " ".join(f"{k} {v:.4g}" for k, v in summary.items()
-                   if k in ("loss", "accuracy", "grad_norm", "steps_per_s", "examples_per_s") or k.endswith("_f1"))
+                   if k in ("loss", "accuracy", "grad_norm", "steps_per_s", "examples_per_s") or k.endswith(("_f1", "_threshold")))
   logging.info("[%s] step %d/%d (%.1f%%) %s", prefix, step, total, 100.0 * step / total, shown)

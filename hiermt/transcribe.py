@@ -89,7 +89,7 @@ class StageModel:
   programs take the variables as arguments, so nothing recompiles).
   """
 
-  def __init__(self, config, variables, step=None, fixed_tokens=None):
+  def __init__(self, config, variables, step=None, fixed_tokens=None, roll_thresholds=None):
     """Builds the stage `config.stage` of `config` around `variables`.
 
     Args:
@@ -98,10 +98,16 @@ class StageModel:
         to set the `variables` attribute later.
       step: the training step the variables are from.
       fixed_tokens: see `load`.
+      roll_thresholds: the encoder stage's Roll thresholds, overriding the config's
+        `roll` (those calibrated on validation for this checkpoint).
     """
     self.config = config
     self.stage = config.stage
     self.step = step
+    # Configs from before `roll` existed fall back to the published thresholds.
+    self.roll_thresholds = dict(config.roll) if "roll" in config else None
+    if roll_thresholds:
+      self.roll_thresholds = dict(self.roll_thresholds or {}, **roll_thresholds)
     self.model = transcriber.build_model(config)
     self.variables = {k: v for k, v in (variables or {}).items() if v}
     self.frames_per_second = type(self.model.encoder).FRAMES_PER_SECOND
@@ -130,8 +136,14 @@ class StageModel:
       config = ml_collections.ConfigDict(json.load(f))
     if config.stage != stage:
       raise ValueError(f"{config_path} is for stage {config.stage!r}, expected {stage!r}")
-    variables, step = checkpoint.load_variables(directory, f"Stage {stage!r} has no checkpoint yet. {hint}", which)
-    return cls(config, variables, step, fixed_tokens)
+    variables, choice = checkpoint.load_variables(directory, f"Stage {stage!r} has no checkpoint yet. {hint}", which)
+    thresholds = None
+    if stage == "encoder":
+      thresholds = roll_notes.stored_thresholds(choice.metrics, config.encoder.name)
+      if thresholds:
+        logging.info("Roll thresholds calibrated on validation for step %d: %s", choice.step,
+                     ", ".join(f"{k} {v:.2f}" for k, v in thresholds.items()))
+    return cls(config, variables, choice.step, fixed_tokens, thresholds)
 
   def encode(self, segments):
     """Encoder outputs (rolls and `features`) of float32 audio [batch, samples], as device arrays."""
@@ -373,9 +385,8 @@ class NoteTranscriber:
   def _roll(self, segments, duration, bars):
     stage = self.stages["encoder"]
     rolls = self.piece_rolls(segments.reshape(-1), bars["encoder"])
-    config = stage.config
-    thresholds = dict(config.roll) if "roll" in config else None  # configs from before `roll` existed
-    notes = roll_notes.rolls_to_notes(rolls, config.encoder.name, stage.frames_per_second, thresholds)
+    notes = roll_notes.rolls_to_notes(rolls, stage.config.encoder.name, stage.frames_per_second,
+                                      stage.roll_thresholds)
     return stitch.clip_to_duration(notes, duration)
 
   def piece_rolls(self, audio, bar=None) -> dict:

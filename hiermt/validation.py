@@ -14,6 +14,12 @@ note taken from the reference:
   offset       offsets of the reference's onsets and pitches: On-Off F1
   flatten      On, On-Off, On-Off-Vel F1
 
+With `train.calibrate_roll` the encoder's Roll thresholds are first chosen on
+these pieces (`roll_notes.calibrate`) and the F1s are those at the chosen
+thresholds, which are saved with the checkpoint and used by `transcribe` (an
+encoder early in training can put every onset below the published threshold
+and score 0 however good its rolls are).
+
 A stage's last metric is its score, by which the best checkpoint is kept
 (`checkpoint.SCORE`). With whole pieces the numbers are those of
 `python -m hiermt.evaluate --split=validation --max_pieces=N` for the roll and
@@ -35,6 +41,7 @@ from hiermt import audio as audio_lib
 from hiermt import metrics
 from hiermt import notes as notes_lib
 from hiermt import partitioning
+from hiermt import roll_notes
 from hiermt import stitch
 from hiermt import transcribe
 from hiermt.data import pipeline
@@ -78,7 +85,7 @@ def load_pieces(store, count, seconds) -> list[tuple[np.ndarray, notes_lib.Notes
   return pieces
 
 
-def score(transcriber, stage, pieces) -> dict[str, float]:
+def score(transcriber, stage, pieces, calibrate=False) -> dict[str, float]:
   """Mean over `pieces` of the metrics `stage` decides (`STAGE_METRICS`).
 
   Args:
@@ -86,7 +93,17 @@ def score(transcriber, stage, pieces) -> dict[str, float]:
       take the other stages' parts from each piece's reference.
     stage: the stage scored.
     pieces: (audio, reference notes) pairs, as `load_pieces` returns them.
+    calibrate: encoder stage only: choose the Roll thresholds on the pieces first;
+      the result then also holds them (`roll_notes.calibrated_key`).
   """
+  if calibrate:
+    model = transcriber.stages["encoder"]
+    rolls = [(transcriber.piece_rolls(audio), reference, len(audio) / audio_lib.SAMPLE_RATE)
+             for audio, reference in pieces]
+    thresholds, mean = roll_notes.calibrate(rolls, model.config.encoder.name, model.frames_per_second,
+                                            model.roll_thresholds)
+    return {**{key: mean[key] for key in STAGE_METRICS[stage]},
+            **{roll_notes.calibrated_key(name): value for name, value in thresholds.items()}}
   rows = [metrics.note_metrics(reference, transcriber.transcribe(audio, given=reference))
           for audio, reference in pieces]
   mean = metrics.mean_metrics(rows)
@@ -101,7 +118,11 @@ class Validator:
 
   def __init__(self, config, mesh):
     self.stage = config.stage
-    self.keys = STAGE_METRICS[self.stage]
+    self._calibrate = self.stage == "encoder" and config.train.calibrate_roll
+    # Numbers saved with the checkpoint beside its score (`checkpoint.save`'s `extra`).
+    self.saved_keys = tuple(roll_notes.calibrated_key(name) for name in
+                            roll_notes.DEFAULT_THRESHOLDS[config.encoder.name]) if self._calibrate else ()
+    self.keys = STAGE_METRICS[self.stage] + self.saved_keys
     # The parameters as one full copy on a device of each process (from any sharding, also across
     # processes): transcription runs on one device, as `transcribe` does.
     self._replicate = jax.jit(lambda tree: tree, out_shardings=partitioning.replicated(mesh))
@@ -132,7 +153,7 @@ class Validator:
       self._model.variables = {k: jax.tree.map(lambda x: x.addressable_data(0), v)
                                for k, v in replicated.items() if v}
       try:
-        scores = score(self._transcriber, self.stage, self._pieces)
+        scores = score(self._transcriber, self.stage, self._pieces, self._calibrate)
       finally:
         self._model.variables = {}  # frees the device copy between passes
       values = np.array([scores[k] for k in self.keys], np.float64)

@@ -7,6 +7,7 @@ module docstring); roll values are dyadic so the float32 arithmetic is exact.
 import numpy as np
 import pytest
 
+from hiermt import notes as notes_lib
 from hiermt import roll_notes
 
 C4 = 60 - 21  # column of MIDI pitch 60
@@ -357,3 +358,27 @@ def test_extra_keys_and_dtypes_are_accepted():
   _crnn_note(rolls, 10, [0.5, 1.0, 0.5], held_until=30)
   as_float64 = {name: roll.astype(np.float64) for name, roll in rolls.items()}
   _assert_notes(roll_notes.crnn_notes(as_float64 | {"features": np.zeros(3)}), [(0.10, 0.30, 60, 64)])
+
+
+@pytest.mark.parametrize("encoder", ["crnn", "hppnet"])
+def test_calibration_keeps_the_published_thresholds_when_nothing_is_better(encoder):
+  """Rolls that find no note at any threshold: every value ties, and a tie keeps the starting one."""
+  reference = notes_lib.Notes.create(np.array([0.2]), np.array([0.5]), np.array([60]), np.array([64]))
+  thresholds, result = roll_notes.calibrate([(_rolls(100), reference, 2.0)], encoder, 50)
+  assert thresholds == roll_notes.DEFAULT_THRESHOLDS[encoder]
+  assert result["onset_f1"] == 0
+
+
+def test_calibration_tunes_onset_before_offset_and_frame():
+  """Kong's rolls: an onset peak of 0.25 (under the published 0.3) at frame 20, a frame roll of 0.5 to frame
+  70, 0.1 s past the note's end, and an offset peak of 0.25 (also under 0.3) at its end, frame 60. Onset by
+  On F1: 0.2 (the nearest to 0.3 under 0.25); then the offset threshold by On-Off F1: 0.2, which lets the
+  offset peak end the note (nearer the frame roll's end than the onset); the frame threshold stays at 0.1
+  (from 0.5 up, the frame roll ends the note at once)."""
+  rolls = _rolls(200)
+  _crnn_note(rolls, 20, [0.125, 0.25, 0.125], held_until=70)
+  rolls["offset"][56:65, C4] = [0.0, 0.0625, 0.125, 0.1875, 0.25, 0.1875, 0.125, 0.0625, 0.0]  # peak at 60
+  reference = notes_lib.Notes.create(np.array([0.2]), np.array([0.6]), np.array([60]), np.array([64]))
+  thresholds, result = roll_notes.calibrate([(rolls, reference, 2.0)], "crnn", 100)
+  assert thresholds == {"onset": 0.2, "offset": 0.2, "frame": 0.1}
+  assert result["onset_f1"] == result["onset_offset_f1"] == 1.0

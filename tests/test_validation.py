@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from hiermt import checkpoint
 from hiermt import next_steps
 from hiermt import notes as notes_lib
 from hiermt import partitioning
+from hiermt import roll_notes
 from hiermt import train
 from hiermt import transcribe
 from hiermt import validation
@@ -114,6 +116,35 @@ def test_hierarchy_without_its_stages_needs_reference_notes():
     transcriber.transcribe(AUDIO)
 
 
+class _RollsOnly:
+  """Stands in for a `transcribe.NoteTranscriber` of an HPPNet encoder stage whose rolls are `rolls`."""
+
+  def __init__(self, rolls):
+    self.stages = {"encoder": types.SimpleNamespace(
+        config=load_base_config().get_config("encoder,encoder=hppnet"), frames_per_second=50,
+        roll_thresholds=dict(roll_notes.DEFAULT_THRESHOLDS["hppnet"]))}
+    self._rolls = rolls
+
+  def piece_rolls(self, audio):
+    return self._rolls
+
+
+def test_encoder_validation_calibrates_the_roll_thresholds():
+  """train.calibrate_roll: an encoder whose onsets all stay under the published 0.4 scores 0 with it; the
+  thresholds chosen on the pieces find its notes and come back with the scores (saved with the checkpoint)."""
+  rolls = {name: np.zeros((100, 88), np.float32) for name in roll_notes.ROLL_NAMES}
+  rolls["onset"][10, 39] = rolls["onset"][50, 43] = 0.125  # C4 at 0.2 s, E4 at 1.0 s (50 frames/s)
+  rolls["frame"][11:30, 39] = 0.875  # C4 ends at frame 29
+  rolls["frame"][51:60, 43] = 0.25  # E4 ends at frame 59 once the frame threshold is under 0.25
+  reference = _notes([(0.2, 0.58, 60, 1), (1.0, 1.18, 64, 1)])
+  pieces = [(np.zeros(32000, np.float32), reference)]
+  assert len(roll_notes.rolls_to_notes(rolls, "hppnet", 50)) == 0  # the published thresholds: no note
+  calibrated = validation.score(_RollsOnly(rolls), "encoder", pieces, calibrate=True)
+  assert calibrated["onset_f1"] == calibrated["onset_offset_f1"] == 1.0
+  # Nearest to 0.4 first: onset 0.1 is the first grid value under 0.125, frame 0.2 the first under 0.25.
+  assert (calibrated["roll_onset_threshold"], calibrated["roll_frame_threshold"]) == (0.1, 0.2)
+
+
 def test_validator_scores_the_sharded_state(runlocal_config, monkeypatch):
   """The validator on 8 devices with fsdp-sharded parameters: the decoder reads the state's own parameters
   and the score is that of the notes it "wrote" (every other note of the piece: precision 1)."""
@@ -170,9 +201,14 @@ def test_best_checkpoint_is_kept_besides_the_latest(tmp_path):
     assert steps == ([2, 5] if score is None else [6])
 
 
+# Roll thresholds "calibrated" with the best checkpoint of `encoder_stage` (a CRNN).
+CALIBRATED = {"onset": 0.15, "offset": 0.5, "frame": 0.25}
+
+
 @pytest.fixture(scope="module")
 def encoder_stage(tmp_path_factory):
-  """WORKDIR/encoder with step 1 (validation score 0.9) and step 2 (score 0.1, other parameters)."""
+  """WORKDIR/encoder with step 1 (validation score 0.9, Roll thresholds `CALIBRATED`) and step 2 (score 0.1,
+  other parameters)."""
   workdir = tmp_path_factory.mktemp("best")
   config = load_base_config().get_config("encoder,runlocal")
   config.data.cache_dir = str(workdir / "cache")
@@ -181,7 +217,8 @@ def encoder_stage(tmp_path_factory):
   model = transcriber.build_model(config)
   state, _ = train.create_state(model, config, train.make_optimizer(config), mesh, jax.random.key(0))
   directory = checkpoint.stage_dir(workdir, "encoder")
-  checkpoint.write_stage(directory, config, state.replace(step=jnp.asarray(1)), score=0.9)
+  calibrated = {roll_notes.calibrated_key(name): value for name, value in CALIBRATED.items()}
+  checkpoint.write_stage(directory, config, state.replace(step=jnp.asarray(1)), score=0.9, extra=calibrated)
   later = state.replace(step=jnp.asarray(2), params=jax.tree.map(lambda x: x + 1, state.params))
   checkpoint.write_stage(directory, config, later, score=0.1)
   return workdir, jax.device_get(state.params), jax.device_get(later.params)
@@ -192,6 +229,9 @@ def test_transcribe_reads_the_best_checkpoint_unless_asked_for_the_latest(encode
   best = transcribe.load(str(workdir), "roll").stages["encoder"]
   latest = transcribe.load(str(workdir), "roll", which="latest").stages["encoder"]
   assert (best.step, latest.step) == (1, 2)
+  # Each checkpoint decodes its rolls with the thresholds calibrated for it; none saved: the config's.
+  assert best.roll_thresholds == CALIBRATED
+  assert latest.roll_thresholds == dict(load_base_config().get_config("encoder,runlocal").roll)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(best.variables["params"]), best_params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(latest.variables["params"]), latest_params)
 
@@ -260,9 +300,13 @@ def test_a_preempted_run_scores_its_last_checkpoint_when_asked(runlocal_config, 
   config = runlocal_config("encoder", **{"train.eval_every": 100, "train.eval_batches": 0,
                                          "train.eval_on_preemption": True})
   monkeypatch.setattr(train._Preemption, "stop_after", lambda self, step: step >= 2)
+  # The validator's calibrated Roll thresholds (train.calibrate_roll, the default) are saved with the score.
   monkeypatch.setattr(validation.Validator, "__call__",
-                      lambda self, state: {validation.score_key("encoder"): 0.25 + int(state.step)})
+                      lambda self, state: {validation.score_key("encoder"): 0.25 + int(state.step),
+                                           **{key: 0.05 * int(state.step) for key in self.saved_keys}})
   with pytest.raises(train.Preempted):
     train.run(config, str(tmp_path), devices=jax.devices()[:1])
   best = checkpoint.choose(checkpoint.stage_dir(str(tmp_path), "encoder"), "best")
   assert (best.step, best.kind, best.score) == (2, "best", 2.25)
+  assert roll_notes.stored_thresholds(best.metrics, config.encoder.name) == {
+      name: pytest.approx(0.1) for name in roll_notes.DEFAULT_THRESHOLDS[config.encoder.name]}
