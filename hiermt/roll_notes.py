@@ -287,21 +287,20 @@ def stored_thresholds(metrics: dict | None, encoder: str) -> dict | None:
   return {name: float(metrics[key]) for name, key in keys.items()}
 
 
-# Thresholds `calibrate` tries for each name (probabilities; Kong's regression rolls are in [0, 1] too).
+# Onset thresholds `calibrate` tries (probabilities; Kong's regression rolls are in [0, 1] too).
 CALIBRATION_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
-# What each threshold decides, so what it is tuned for: onsets (On F1) first, then note ends (On-Off F1).
-_CALIBRATION_ORDER = (("onset", "onset_f1"), ("offset", "onset_offset_f1"), ("frame", "onset_offset_f1"))
 
 
 def calibrate(pieces, encoder: str, frames_per_second: float, start: dict | None = None):
-  """Thresholds that transcribe `pieces` best, one threshold at a time, and the metrics there.
+  """The onset threshold that transcribes `pieces` best (On F1), and the metrics there.
 
   The published thresholds suit the published models; an encoder trained for a
   few hundred steps can put every onset probability below them and write no note
-  at all. This picks each threshold from `CALIBRATION_GRID` in turn, the others
-  held: onset by On F1, then offset (Kong's) and frame by On-Off F1. A tie keeps
-  the value nearest the one it starts from, so on rolls that decide nothing the
-  published thresholds stay.
+  at all. The onset threshold decides which notes exist, so it is chosen from
+  `CALIBRATION_GRID` by On F1, the other thresholds held. A tie keeps the value
+  nearest the one it starts from, so rolls that decide nothing keep it. The
+  offset and frame thresholds are not tuned: chosen by On-Off F1 on a few
+  validation pieces they overfit (docs/design.md).
 
   Args:
     pieces: (rolls, reference Notes, duration in seconds) per piece, the rolls as
@@ -311,27 +310,25 @@ def calibrate(pieces, encoder: str, frames_per_second: float, start: dict | None
     start: thresholds to start from (default: DEFAULT_THRESHOLDS[encoder]).
 
   Returns:
-    (thresholds, metrics): the chosen thresholds (every name of the encoder) and
-    `metrics.mean_metrics` of the pieces decoded with them.
+    (thresholds, metrics): every threshold of the encoder, the onset one chosen,
+    and `metrics.mean_metrics` of the pieces decoded with them.
   """
   if not pieces:
     raise ValueError("calibrate needs at least one piece")
   chosen = dict(DEFAULT_THRESHOLDS[encoder], **(start or {}))
 
-  def score(thresholds):
+  def score(onset):
+    thresholds = dict(chosen, onset=onset)
     rows = [metrics_lib.note_metrics(reference, stitch.clip_to_duration(
         rolls_to_notes(rolls, encoder, frames_per_second, thresholds), duration))
         for rolls, reference, duration in pieces]
     return metrics_lib.mean_metrics(rows)
 
-  for name, key in _CALIBRATION_ORDER:
-    if name not in chosen:
-      continue
-    current = chosen[name]
-    best_value, best = current, score(chosen)[key]
-    for value in sorted(CALIBRATION_GRID, key=lambda v: abs(v - current)):  # nearest first: ties keep it
-      result = score(dict(chosen, **{name: value}))[key]
-      if result > best:
-        best_value, best = value, result
-    chosen[name] = best_value
-  return chosen, score(chosen)
+  current = chosen["onset"]
+  best_value, best = current, score(current)
+  for value in sorted(CALIBRATION_GRID, key=lambda v: abs(v - current)):  # nearest first: ties keep it
+    result = score(value)
+    if result["onset_f1"] > best["onset_f1"]:
+      best_value, best = value, result
+  chosen["onset"] = best_value
+  return chosen, best

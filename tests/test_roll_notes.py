@@ -369,16 +369,16 @@ def test_calibration_keeps_the_published_thresholds_when_nothing_is_better(encod
   assert result["onset_f1"] == 0
 
 
-def test_calibration_tunes_onset_before_offset_and_frame():
-  """Kong's rolls: an onset peak of 0.25 (under the published 0.3) at frame 20, a frame roll of 0.5 to frame
-  70, 0.1 s past the note's end, and an offset peak of 0.25 (also under 0.3) at its end, frame 60. Onset by
-  On F1: 0.2 (the nearest to 0.3 under 0.25); then the offset threshold by On-Off F1: 0.2, which lets the
-  offset peak end the note (nearer the frame roll's end than the onset); the frame threshold stays at 0.1
-  (from 0.5 up, the frame roll ends the note at once)."""
+def test_calibration_tunes_the_onset_threshold_only():
+  """Kong's rolls: an onset peak of 0.25 (under the published 0.3) at frame 20, and an offset peak of 0.25
+  (also under 0.3) where the note ends. Onset by On F1: 0.2, the nearest grid value to 0.3 under 0.25;
+  the offset threshold stays published, so the note ends where the frame roll does (frame 70), not at
+  the offset peak (frame 60): On F1 1, On-Off F1 0."""
   rolls = _rolls(200)
   _crnn_note(rolls, 20, [0.125, 0.25, 0.125], held_until=70)
   rolls["offset"][56:65, C4] = [0.0, 0.0625, 0.125, 0.1875, 0.25, 0.1875, 0.125, 0.0625, 0.0]  # peak at 60
   reference = notes_lib.Notes.create(np.array([0.2]), np.array([0.6]), np.array([60]), np.array([64]))
   thresholds, result = roll_notes.calibrate([(rolls, reference, 2.0)], "crnn", 100)
-  assert thresholds == {"onset": 0.2, "offset": 0.2, "frame": 0.1}
-  assert result["onset_f1"] == result["onset_offset_f1"] == 1.0
+  assert thresholds == {"onset": 0.2, "offset": 0.3, "frame": 0.1}
+  assert (result["onset_f1"], result["onset_offset_f1"]) == (1.0, 0.0)
+  _assert_notes(roll_notes.rolls_to_notes(rolls, "crnn", 100, thresholds), [(0.2, 0.7, 60, 64)])

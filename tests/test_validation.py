@@ -131,18 +131,19 @@ class _RollsOnly:
 
 def test_encoder_validation_calibrates_the_roll_thresholds():
   """train.calibrate_roll: an encoder whose onsets all stay under the published 0.4 scores 0 with it; the
-  thresholds chosen on the pieces find its notes and come back with the scores (saved with the checkpoint)."""
+  onset threshold chosen on the pieces finds its notes and comes back with the scores (saved with the
+  checkpoint), the frame threshold as published."""
   rolls = {name: np.zeros((100, 88), np.float32) for name in roll_notes.ROLL_NAMES}
   rolls["onset"][10, 39] = rolls["onset"][50, 43] = 0.125  # C4 at 0.2 s, E4 at 1.0 s (50 frames/s)
+  rolls["onset"][80, 0] = 0.0625  # a spurious A0 at 1.6 s, written only from onset threshold 0.05
   rolls["frame"][11:30, 39] = 0.875  # C4 ends at frame 29
-  rolls["frame"][51:60, 43] = 0.25  # E4 ends at frame 59 once the frame threshold is under 0.25
   reference = _notes([(0.2, 0.58, 60, 1), (1.0, 1.18, 64, 1)])
   pieces = [(np.zeros(32000, np.float32), reference)]
   assert len(roll_notes.rolls_to_notes(rolls, "hppnet", 50)) == 0  # the published thresholds: no note
   calibrated = validation.score(_RollsOnly(rolls), "encoder", pieces, calibrate=True)
-  assert calibrated["onset_f1"] == calibrated["onset_offset_f1"] == 1.0
-  # Nearest to 0.4 first: onset 0.1 is the first grid value under 0.125, frame 0.2 the first under 0.25.
-  assert (calibrated["roll_onset_threshold"], calibrated["roll_frame_threshold"]) == (0.1, 0.2)
+  # Onset 0.1: the first grid value under 0.125 from 0.4 down; E4 lasts one frame (its frame roll is off).
+  assert (calibrated["roll_onset_threshold"], calibrated["roll_frame_threshold"]) == (0.1, 0.4)
+  assert (calibrated["onset_f1"], calibrated["onset_offset_f1"]) == (1.0, 0.5)
 
 
 def test_validator_scores_the_sharded_state(runlocal_config, monkeypatch):
