@@ -276,10 +276,26 @@ def main(argv):
   print("\n" + table)
   print(f"\nquickstart finished in {(time.time() - started) / 60:.1f} min. Checkpoints: {workdir}/STAGE; "
         f"reports: {workdir}/eval/{{test,heldout}}; this table: {workdir}/results.txt\n"
-        "Transcribe your own recordings with the trained models:\n"
-        f"  .venv/bin/python -m hiermt.transcribe --workdir={workdir} --output_dir=out my_recording.wav\n"
-        f"  .venv/bin/python -m hiermt.transcribe --workdir={workdir} --layout=roll --output_dir=out_roll "
-        "my_recording.wav")
+        "Transcribe your own recordings with the trained models (the best layout on the test split first):\n"
+        + "\n".join(transcribe_commands(workdir, seen)))
+
+
+def transcribe_commands(workdir, seen) -> list[str]:
+  """One `transcribe` command per layout, the highest test On F1 first, each with its score.
+
+  Args:
+    workdir: the run directory.
+    seen: layout -> `evaluate` summary ({"mean": {"onset_f1": ...}}); layouts not in it come last.
+  """
+  def onset_f1(layout):
+    return seen[layout]["mean"]["onset_f1"] if layout in seen else -1.0
+
+  commands = []
+  for layout in sorted(transcribe.LAYOUTS, key=onset_f1, reverse=True):
+    score = f"   # test On F1 {onset_f1(layout):.3f}" if layout in seen else ""
+    commands.append(f"  .venv/bin/python -m hiermt.transcribe --workdir={workdir} --layout={layout} "
+                    f"--output_dir=out_{layout} my_recording.wav{score}")
+  return commands
 
 
 def _define_flags():

@@ -94,3 +94,16 @@ def test_stage_budgets_absorb_overruns():
   assert quickstart.stage_seconds(shares, "onset_pitch", 480.0) == pytest.approx(480.0 * 0.4)
   assert quickstart.stage_seconds(shares, "flatten", 70.0) == pytest.approx(70.0)  # the last takes what is left
   assert quickstart.stage_seconds(shares, "flatten", -5.0) == 0.0
+
+
+def test_the_closing_commands_put_the_layout_that_scored_best_first():
+  """A newcomer runs the first command shown: after a short budget that is Roll, not the untrained LMs."""
+  seen = {"roll": {"mean": {"onset_f1": 0.764}}, "flatten": {"mean": {"onset_f1": 0.025}},
+          "hierarchy": {"mean": {"onset_f1": 0.002}}}
+  commands = quickstart.transcribe_commands("runs/q", seen)
+  assert [c.split("--layout=")[1].split()[0] for c in commands] == ["roll", "flatten", "hierarchy"]
+  assert commands[0] == ("  .venv/bin/python -m hiermt.transcribe --workdir=runs/q --layout=roll "
+                         "--output_dir=out_roll my_recording.wav   # test On F1 0.764")
+  # Without scores (evaluation missing): every layout, in transcribe's order, none annotated.
+  assert [c.split("--layout=")[1].split()[0] for c in quickstart.transcribe_commands("w", {})] == [
+      "hierarchy", "flatten", "roll"]
