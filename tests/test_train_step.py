@@ -63,27 +63,30 @@ def test_gradient_accumulation_is_exact_and_keeps_micro_batches_on_all_devices(c
   global_batch = partitioning.global_batch(c.mesh, batch)
   loss_fn = functools.partial(train._micro_loss, c.model, config)
   results = {}
-  for accum in (1, 4):  # 4 micro-batches of uneven counts (2 would exercise the same code)
-    def step(params, batch_stats, batch, rng, accum=accum):
+  # 4 micro-batches of uneven counts (2 would exercise the same code), in the rolled loop (accelerators)
+  # and unrolled (CPU, `train.unroll_accumulation`).
+  for accum, unroll in ((1, None), (4, False), (4, True)):
+    def step(params, batch_stats, batch, rng, accum=accum, unroll=unroll):
       return train.accumulate_gradients(loss_fn, params, batch_stats, batch, rng, accum,
-                                        train.loss_counts(config, batch), c.mesh)
+                                        train.loss_counts(config, batch), c.mesh, unroll)
     compiled = jax.jit(step).lower(c.state.params, c.state.batch_stats, global_batch, c.step_rng).compile()
     if accum > 1:
       # Each micro-batch takes rows from every device: no gathering of the batch (params are replicated).
       assert not re.search(r"all-gather|all-to-all|collective-permute", compiled.as_text())
     loss, grads, metrics, _ = compiled(c.state.params, c.state.batch_stats, global_batch, c.step_rng)
-    results[accum] = jax.device_get((loss, grads, metrics))
-  loss1, grads1, metrics1 = results[1]
+    results[accum, unroll] = jax.device_get((loss, grads, metrics))
+  loss1, grads1, metrics1 = results[1, None]
   if "tokens" in metrics1:
     assert metrics1["tokens"] == per_row.sum()
-  loss, grads, metrics = results[4]
-  np.testing.assert_allclose(loss, loss1, rtol=1e-5)
-  assert metrics.keys() == metrics1.keys()
-  for key in metrics:  # counts summed over micro-batches (tokens, frame counts), terms and accuracy exact
-    np.testing.assert_allclose(metrics[key], metrics1[key], rtol=1e-5, err_msg=key)
-  flat, want = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (grads, grads1))
-  error = np.linalg.norm(flat - want) / np.linalg.norm(want)
-  assert error < 1e-5, error  # float noise: ~5e-7 measured
+  for unroll in (False, True):
+    loss, grads, metrics = results[4, unroll]
+    np.testing.assert_allclose(loss, loss1, rtol=1e-5)
+    assert metrics.keys() == metrics1.keys()
+    for key in metrics:  # counts summed over micro-batches (tokens, frame counts), terms and accuracy exact
+      np.testing.assert_allclose(metrics[key], metrics1[key], rtol=1e-5, err_msg=key)
+    flat, want = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (grads, grads1))
+    error = np.linalg.norm(flat - want) / np.linalg.norm(want)
+    assert error < 1e-5, (unroll, error)  # float noise: ~5e-7 measured
 
 
 @pytest.mark.parametrize("arg,overrides,layouts", [
