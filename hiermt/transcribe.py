@@ -89,7 +89,7 @@ class StageModel:
   programs take the variables as arguments, so nothing recompiles).
   """
 
-  def __init__(self, config, variables, step=None, fixed_tokens=None, roll_thresholds=None):
+  def __init__(self, config, variables, step=None, fixed_tokens=None, roll_thresholds=None, dtype=None):
     """Builds the stage `config.stage` of `config` around `variables`.
 
     Args:
@@ -100,7 +100,12 @@ class StageModel:
       fixed_tokens: see `load`.
       roll_thresholds: the encoder stage's Roll thresholds, overriding the config's
         `roll` (those calibrated on validation for this checkpoint).
+      dtype: compute dtype ("float32" or "bfloat16"; None: the one it was trained
+        with, `train.dtype`), as in training: norms and logits stay float32.
     """
+    if dtype is not None and dtype != config.train.dtype:
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.train.dtype = dtype
     self.config = config
     self.stage = config.stage
     self.step = step
@@ -121,7 +126,7 @@ class StageModel:
       self._decode = decode.jitted(self.model, self.stage, config.data.max_tokens)
 
   @classmethod
-  def from_workdir(cls, workdir, stage, fixed_tokens=None, which="best") -> "StageModel":
+  def from_workdir(cls, workdir, stage, fixed_tokens=None, which="best", dtype=None) -> "StageModel":
     """The trained stage `stage` of `workdir`, from its best or latest checkpoint (`checkpoint.load_variables`).
 
     Raises:
@@ -143,7 +148,7 @@ class StageModel:
       if thresholds:
         logging.info("Roll thresholds calibrated on validation for step %d: %s", choice.step,
                      ", ".join(f"{k} {v:.2f}" for k, v in thresholds.items()))
-    return cls(config, variables, choice.step, fixed_tokens, thresholds)
+    return cls(config, variables, choice.step, fixed_tokens, thresholds, dtype)
 
   def encode(self, segments):
     """Encoder outputs (rolls and `features`) of float32 audio [batch, samples], as device arrays."""
@@ -438,7 +443,7 @@ def _same_encoder(a: StageModel, b: StageModel) -> bool:
 
 
 def load(workdir, layout="hierarchy", batch_segments=BATCH_SEGMENTS, fixed_tokens=None,
-         which="best") -> NoteTranscriber:
+         which="best", dtype=None) -> NoteTranscriber:
   """The trained stages of `layout` in `workdir`, ready to transcribe.
 
   Args:
@@ -450,6 +455,9 @@ def load(workdir, layout="hierarchy", batch_segments=BATCH_SEGMENTS, fixed_token
       reflect a chosen note density.
     which: each stage's "best" checkpoint (highest validation score during
       training; the latest, with a warning, where none has a score) or its "latest".
+    dtype: compute dtype of every stage, "float32" or "bfloat16" (None: each
+      stage's training dtype). bfloat16 decodes with half-size weights and caches:
+      faster, but its notes can differ from float32's.
 
   Raises:
     FileNotFoundError: a stage of the layout is not trained; the message names
@@ -460,7 +468,9 @@ def load(workdir, layout="hierarchy", batch_segments=BATCH_SEGMENTS, fixed_token
   if batch_segments < 1:
     raise ValueError(f"batch_segments must be >= 1, got {batch_segments}")
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  stages = {s: StageModel.from_workdir(workdir, s, fixed_tokens, which) for s in LAYOUTS[layout]}
+  if dtype is not None and dtype not in transcriber.DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(transcriber.DTYPES)}")
+  stages = {s: StageModel.from_workdir(workdir, s, fixed_tokens, which, dtype) for s in LAYOUTS[layout]}
   cache = next(iter(stages.values())).config.data.cache_dir
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser(cache), "xla"))
   return NoteTranscriber(layout, stages, batch_segments)
@@ -479,6 +489,9 @@ def _define_flags():
   flags.DEFINE_enum("checkpoint", "best", list(checkpoint.CHOICES),
                     "Each stage's best checkpoint (highest validation note F1 during training; the latest "
                     "where none was scored) or its latest.")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                    "Compute dtype (default: the one each stage was trained with). bfloat16 decodes faster "
+                    "(half-size weights and caches) but its notes can differ from float32's.")
 
 
 def audio_files(arguments) -> tuple[list[str], list[str]]:
@@ -514,7 +527,8 @@ def main(argv):
     print("transcribe: no audio files found (extensions: " + " ".join(AUDIO_EXTENSIONS) + ")", file=sys.stderr)
     sys.exit(1)
   try:
-    transcriber_ = load(FLAGS.workdir, FLAGS.layout, FLAGS.batch_segments, which=FLAGS.checkpoint)
+    transcriber_ = load(FLAGS.workdir, FLAGS.layout, FLAGS.batch_segments, which=FLAGS.checkpoint,
+                        dtype=FLAGS.dtype)
   except (FileNotFoundError, ValueError) as e:
     print(f"transcribe: {e}", file=sys.stderr)
     sys.exit(2)

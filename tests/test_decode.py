@@ -15,10 +15,11 @@ MAX_LEN = 40
 
 
 @functools.cache
-def _model(stage, conditioning):
+def _model(stage, conditioning, dtype="float32"):
   from conftest import load_base_config
   config = load_base_config().get_config(f"{stage},runlocal,conditioning={conditioning}")
   config.data.max_tokens = MAX_LEN
+  config.train.dtype = dtype
   model = transcriber.build_model(config)
   audio = jnp.zeros((1, 16000), jnp.float32)
   variables = model.init(jax.random.key(1), audio, jnp.zeros((1, MAX_LEN), jnp.int32), train=False)
@@ -90,6 +91,34 @@ def test_forced_run_equals_full_recompute(stage, conditioning):
     timed = answers != vocab.NOTE_SUSTAIN
     assert np.all(vocab.id_to_step(answers[timed]) > np.maximum(onsets[timed], 0))
     assert np.all(vocab.id_to_step(answers[timed]) <= 1000)
+
+
+@pytest.mark.parametrize("stage", ["onset_pitch", "velocity"])
+def test_bfloat16_decoding_casts_the_weights_once_and_equals_its_full_recompute(stage):
+  """transcribe --dtype=bfloat16: the loop reads bfloat16 matrices (half the bytes per call), cast from the
+  float32 checkpoint once per call, and writes what the grammar allows. (Exact equality with the full
+  recompute is pinned in float32 only: in bfloat16 the cache's and the recompute's roundings differ, and a
+  near-tie can flip a token, as one row of three here did at its 15th token.)"""
+  model, params, features = _model(stage, "prefix", "bfloat16")
+  cast = decode.weights_in_compute_dtype(model, params)
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(cast)):
+    assert x.dtype == jnp.float32 and y.dtype == (jnp.bfloat16 if x.ndim >= 2 else jnp.float32)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(x.astype(y.dtype), np.float32))
+  assert decode.weights_in_compute_dtype(_model(stage, "prefix")[0], params) is params  # float32: untouched
+  extra = ()
+  if stage == "velocity":
+    on = vocab.time_id(np.array([[0, 5, 900]] * 3)).astype(np.int32)
+    pitch = vocab.pitch_id(np.array([[60, 40, 100]] * 3)).astype(np.int32)
+    extra = (on, pitch, np.array([3, 2, 0], np.int32))
+  run = decode.jitted(model, stage, MAX_LEN)
+  cached = np.asarray(run(params, features, *extra))
+  np.testing.assert_array_equal(cached, np.asarray(run(cast, features, *extra)))  # the loop casts float32 itself
+  if stage == "velocity":
+    assert np.all((cached[0, :3] >= vocab.velocity_id(1)) & (cached[0, :3] <= vocab.velocity_id(127)))
+    assert np.all(cached[1, 2:] == vocab.PAD) and np.all(cached[2] == vocab.PAD)
+  else:
+    for row in cached:
+      _check_grammar(stage, row)
 
 
 def _allowed(stage, tokens):

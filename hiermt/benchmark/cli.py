@@ -60,6 +60,9 @@ flags.DEFINE_integer("batch_segments", 8, "transcribe: segments per batch (trans
 flags.DEFINE_list("encoders", list(base.ENCODERS), "transcribe: encoders whose forward pass alone is timed "
                   "(empty: none)")
 
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "decode/transcribe: hiermt's compute dtype "
+                  "(bfloat16: weights and caches in bfloat16 while decoding)")
+
 DECODE_NOTES_PER_SECOND = 20.0
 TRANSCRIBE_NOTES_PER_SECOND = 15.0
 
@@ -75,14 +78,14 @@ def _decode():
   return decode.decode_report(
       FLAGS.sizes, FLAGS.conditioning, FLAGS.encoder, FLAGS.piece_seconds, nps, FLAGS.model_options,
       FLAGS.uncached_notes_per_segment, FLAGS.official_notes_per_segment, FLAGS.official_repo,
-      FLAGS.torch_python or None, FLAGS.threads, FLAGS.repeats)
+      FLAGS.torch_python or None, FLAGS.threads, FLAGS.repeats, FLAGS.dtype)
 
 
 def _transcribe():
   nps = TRANSCRIBE_NOTES_PER_SECOND if FLAGS.notes_per_second is None else FLAGS.notes_per_second
   return transcription.transcribe_report(
       FLAGS.layouts, FLAGS.encoder, FLAGS.size, FLAGS.conditioning, FLAGS.audio_seconds, nps,
-      FLAGS.batch_segments, FLAGS.model_options, FLAGS.encoders)
+      FLAGS.batch_segments, FLAGS.model_options, FLAGS.encoders, FLAGS.dtype)
 
 
 MODES = {

@@ -54,10 +54,13 @@ HIERARCHY = ("onset_pitch", "velocity", "offset")
 HEAD_SCALE = 30.0
 
 
-def model_config(stage, encoder, size, conditioning, options=""):
-  """configs/base.py's config of `stage` for an encoder, decoder size and conditioning, plus `options`."""
+def model_config(stage, encoder, size, conditioning, options="", dtype="float32"):
+  """configs/base.py's config of `stage` for an encoder, decoder size and conditioning, plus `options`,
+  computing in `dtype` (`train.dtype`)."""
   arg = f"{stage},encoder={encoder},size={size},conditioning={conditioning}"
-  return base.get_config(f"{arg},{options}" if options else arg)
+  config = base.get_config(f"{arg},{options}" if options else arg)
+  config.train.dtype = dtype
+  return config
 
 
 def feature_shape(config):
@@ -211,7 +214,7 @@ def _official_torch(size, encoder, frames, dim, segments, notes, official_repo, 
 
 def decode_report(sizes, conditionings, encoder="crnn", piece_seconds=60.0, notes_per_second=20.0, options="",
                   uncached_notes=None, official_notes=None, official_repo="", torch_python=None, threads=2,
-                  repeats=1) -> dict:
+                  repeats=1, dtype="float32") -> dict:
   """Per-stage and per-piece decoding seconds of every strategy (module docstring), as a JSON-ready dict.
 
   Args:
@@ -227,6 +230,7 @@ def decode_report(sizes, conditionings, encoder="crnn", piece_seconds=60.0, note
     torch_python: Python with torch for the official side (None: this one).
     threads: CPUs the official side is pinned to.
     repeats: timed runs of each cached loop after its warm-up run.
+    dtype: hiermt's compute dtype ("bfloat16": weights and caches in bfloat16 while decoding).
 
   Raises:
     ValueError: a size, conditioning or note count that does not fit.
@@ -248,7 +252,7 @@ def decode_report(sizes, conditionings, encoder="crnn", piece_seconds=60.0, note
   features = jax.random.normal(jax.random.key(1), (segments, frames, dim))  # [segments, frames, d_enc]
   counts = sorted({notes, uncached_notes, official_notes} - {0})
   report = {
-      "setup": {"encoder": encoder, "options": options, "frames": frames, "feature_dim": dim,
+      "setup": {"encoder": encoder, "options": options, "dtype": dtype, "frames": frames, "feature_dim": dim,
                 "piece_seconds": piece_seconds, "segments": segments, "notes_per_second": notes_per_second,
                 "notes_per_segment": notes, "uncached_notes_per_segment": uncached_notes,
                 "official_notes_per_segment": official_notes if official_repo else 0,
@@ -264,7 +268,7 @@ def decode_report(sizes, conditionings, encoder="crnn", piece_seconds=60.0, note
       _check_room(stage, model_config(stage, encoder, "nano", "prefix", options), count)
   for size in sizes:
     for conditioning in conditionings:
-      configs = {s: model_config(s, encoder, size, conditioning, options) for s in STAGES}
+      configs = {s: model_config(s, encoder, size, conditioning, options, dtype) for s in STAGES}
       models = {s: transcriber.build_model(c) for s, c in configs.items()}
       # The stages' decoders differ only in max_len, which holds no parameters: one set serves all.
       params = _random_params(configs["onset_pitch"], frames, dim)

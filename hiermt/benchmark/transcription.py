@@ -115,10 +115,11 @@ def _fixed_tokens(layout, configs, notes):
   return tokens
 
 
-def time_layout(workdir, layout, path, batch_segments, fixed_tokens, audio_seconds, midi_path):
-  """Load, first-call and steady-state seconds of one layout on the audio file `path`."""
+def time_layout(workdir, layout, path, batch_segments, fixed_tokens, audio_seconds, midi_path, dtype=None):
+  """Load, first-call and steady-state seconds of one layout on the audio file `path` (`dtype`: see
+  `transcribe.load`)."""
   start = time.perf_counter()
-  model = transcribe.load(workdir, layout, batch_segments, fixed_tokens)
+  model = transcribe.load(workdir, layout, batch_segments, fixed_tokens, dtype=dtype)
   load_seconds = time.perf_counter() - start
   calls = []
   for _ in range(2):
@@ -137,7 +138,8 @@ def time_layout(workdir, layout, path, batch_segments, fixed_tokens, audio_secon
 
 
 def transcribe_report(layouts, encoder="crnn", size="tiny", conditionings=("prefix",), audio_seconds=60.0,
-                      notes_per_second=15.0, batch_segments=8, options="", encoders=base.ENCODERS) -> dict:
+                      notes_per_second=15.0, batch_segments=8, options="", encoders=base.ENCODERS,
+                      dtype=None) -> dict:
   """Whole-file transcription timings per layout (and conditioning), plus the encoders alone, as a JSON-ready dict.
 
   Args:
@@ -150,6 +152,7 @@ def transcribe_report(layouts, encoder="crnn", size="tiny", conditionings=("pref
     batch_segments: transcribe.load's batch; also the encoder-only batch.
     options: extra configs/base.py options (e.g. "runlocal").
     encoders: encoders whose forward pass alone is timed.
+    dtype: compute dtype of the transcription (`transcribe.load`; None: float32, as trained).
 
   Raises:
     ValueError: an unknown layout, or a density the stage's token budget cannot hold.
@@ -158,7 +161,8 @@ def transcribe_report(layouts, encoder="crnn", size="tiny", conditionings=("pref
   if unknown:
     raise ValueError(f"unknown layout(s) {', '.join(unknown)}; valid: {', '.join(transcribe.LAYOUTS)}")
   notes = round(notes_per_second * vocab.SEGMENT_SECONDS)
-  report = {"setup": {"encoder": encoder, "size": size, "options": options, "audio_seconds": audio_seconds,
+  report = {"setup": {"encoder": encoder, "size": size, "options": options, "dtype": dtype or "float32",
+                      "audio_seconds": audio_seconds,
                       "segments": math.ceil(audio_seconds / vocab.SEGMENT_SECONDS),
                       "notes_per_second": notes_per_second, "batch_segments": batch_segments,
                       "cpus": len(os.sched_getaffinity(0)), "device": jax.devices()[0].device_kind,
@@ -179,7 +183,7 @@ def transcribe_report(layouts, encoder="crnn", size="tiny", conditionings=("pref
       entry = {"stages": list(configs), "encoder_width": next(iter(configs.values())).encoder.width,
                "write_stages_seconds": round(time.perf_counter() - start, 3)}
       entry.update(time_layout(workdir, layout, path, batch_segments, _fixed_tokens(layout, configs, notes),
-                               audio_seconds, os.path.join(tmp, "dense.mid")))
+                               audio_seconds, os.path.join(tmp, "dense.mid"), dtype))
       report["layouts"][f"{layout},{conditioning}" if conditioning else layout] = entry
   report["setup"]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
   return report
