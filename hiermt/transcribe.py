@@ -100,12 +100,12 @@ class StageModel:
       fixed_tokens: see `load`.
       roll_thresholds: the encoder stage's Roll thresholds, overriding the config's
         `roll` (those calibrated on validation for this checkpoint).
-      dtype: compute dtype ("float32" or "bfloat16"; None: the one it was trained
-        with, `train.dtype`), as in training: norms and logits stay float32.
+      dtype: the decoder's compute dtype while decoding ("float32" or "bfloat16";
+        None: the one it was trained with, `train.dtype`), as in training: norms
+        and logits stay float32. The encoder keeps its training dtype: bfloat16
+        saves decoding memory traffic, not convolution time, and an untrained
+        full-width HPPNet overflows in bfloat16.
     """
-    if dtype is not None and dtype != config.train.dtype:
-      config = ml_collections.ConfigDict(config.to_dict())
-      config.train.dtype = dtype
     self.config = config
     self.stage = config.stage
     self.step = step
@@ -117,13 +117,18 @@ class StageModel:
     self.variables = {k: v for k, v in (variables or {}).items() if v}
     self.frames_per_second = type(self.model.encoder).FRAMES_PER_SECOND
     self._encode = jax.jit(lambda v, a: self.model.apply(v, a, method=lambda m, x: m.encoder(x, train=False)))
+    decoding = self.model
+    if dtype is not None and dtype != config.train.dtype:
+      decode_config = ml_collections.ConfigDict(config.to_dict())
+      decode_config.train.dtype = dtype
+      decoding = transcriber.build_model(decode_config)
     if self.stage == "encoder":
       self._decode = None
     elif fixed_tokens and self.stage in decode.FREE_STAGES:
-      self._decode = decode.jitted(self.model, self.stage, min(fixed_tokens, config.data.max_tokens),
+      self._decode = decode.jitted(decoding, self.stage, min(fixed_tokens, config.data.max_tokens),
                                    stop_at_eos=False)
     else:
-      self._decode = decode.jitted(self.model, self.stage, config.data.max_tokens)
+      self._decode = decode.jitted(decoding, self.stage, config.data.max_tokens)
 
   @classmethod
   def from_workdir(cls, workdir, stage, fixed_tokens=None, which="best", dtype=None) -> "StageModel":
@@ -455,9 +460,9 @@ def load(workdir, layout="hierarchy", batch_segments=BATCH_SEGMENTS, fixed_token
       reflect a chosen note density.
     which: each stage's "best" checkpoint (highest validation score during
       training; the latest, with a warning, where none has a score) or its "latest".
-    dtype: compute dtype of every stage, "float32" or "bfloat16" (None: each
+    dtype: the decoders' compute dtype, "float32" or "bfloat16" (None: each
       stage's training dtype). bfloat16 decodes with half-size weights and caches:
-      faster, but its notes can differ from float32's.
+      faster, but its notes can differ from float32's. Encoders keep theirs.
 
   Raises:
     FileNotFoundError: a stage of the layout is not trained; the message names
@@ -490,7 +495,8 @@ def _define_flags():
                     "Each stage's best checkpoint (highest validation note F1 during training; the latest "
                     "where none was scored) or its latest.")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                    "Compute dtype (default: the one each stage was trained with). bfloat16 decodes faster "
+                    "The decoders' compute dtype (default: the one each stage was trained with; encoders keep "
+                    "theirs). bfloat16 decodes faster "
                     "(half-size weights and caches) but its notes can differ from float32's.")
 
 
