@@ -124,14 +124,15 @@ def trained(tmp_path_factory):
 
 
 @functools.cache
-def _loaded(workdir, layout):
-  return transcribe.load(workdir, layout, batch_segments=2)
+def _loaded(workdir, layout, dtype=None):
+  return transcribe.load(workdir, layout, batch_segments=2, dtype=dtype)
 
 
-@pytest.mark.parametrize("layout", ["hierarchy", "flatten"])
-def test_overfitted_stages_transcribe_the_piece(trained, layout):
+# bfloat16 decoders (`--dtype=bfloat16`) read the same float32 checkpoints: trained decisions survive it.
+@pytest.mark.parametrize("layout,dtype", [("hierarchy", None), ("flatten", None), ("hierarchy", "bfloat16")])
+def test_overfitted_stages_transcribe_the_piece(trained, layout, dtype):
   workdir, wav, reference = trained
-  t = _loaded(str(workdir), layout)
+  t = _loaded(str(workdir), layout, dtype)
   estimate = t.transcribe(str(wav))
   scores = metrics.note_metrics(reference, estimate)
   assert scores["onset_f1"] >= 0.95, scores
