@@ -78,6 +78,7 @@ class Options:
   output_dir: str | None = None
   max_pieces: int | None = None
   plot_seconds: float = 20.0
+  dtype: str | None = None  # the decoders' compute dtype (transcribe.load); None: as trained
   layout_given: bool = False  # --layout was on the command line
 
   @classmethod
@@ -86,7 +87,7 @@ class Options:
     f = flags.FLAGS
     return cls(data_dir=f.data_dir, workdir=f.workdir, split=f.split, layout=f.layout, checkpoint=f.checkpoint,
                predictions=f.predictions,
-               output_dir=f.output_dir, max_pieces=f.max_pieces, plot_seconds=f.plot_seconds,
+               output_dir=f.output_dir, max_pieces=f.max_pieces, plot_seconds=f.plot_seconds, dtype=f.dtype,
                layout_given=f["layout"].present)
 
 
@@ -323,9 +324,9 @@ def _plotter(output_dir, system, seconds):
   return plot
 
 
-def _model_predictors(workdir, layout, which):
+def _model_predictors(workdir, layout, which, dtype=None):
   """Yields (layout, predict_fn) for each layout to score, loading one model at a time from each stage's
-  `which` ("best" or "latest") checkpoint."""
+  `which` ("best" or "latest") checkpoint, its decoders computing in `dtype` (None: as trained)."""
   try:
     from hiermt import transcribe  # pylint: disable=import-outside-toplevel  (heavy: JAX and the models)
   except ImportError as e:
@@ -343,7 +344,7 @@ def _model_predictors(workdir, layout, which):
     layouts = [layout]
   for name in layouts:
     try:
-      transcriber = transcribe.load(workdir, layout=name, which=which)
+      transcriber = transcribe.load(workdir, layout=name, which=which, dtype=dtype)
     except FileNotFoundError as e:
       raise EvaluationError(f"layout {name} is not available: {e}") from e
     yield name, lambda piece, t=transcriber: t.transcribe(piece.audio_path)
@@ -373,7 +374,7 @@ def run(options: Options) -> dict:
     output_dir = options.output_dir or os.path.join(predictions, "eval", split)
   else:
     midi_predictions = None
-    systems = _model_predictors(options.workdir, options.layout, options.checkpoint)
+    systems = _model_predictors(options.workdir, options.layout, options.checkpoint, options.dtype)
     output_dir = options.output_dir or os.path.join(options.workdir, "eval", split)
 
   references = {}  # piece_id -> Notes, read once for all layouts
@@ -397,7 +398,8 @@ def run(options: Options) -> dict:
   info = {"split": split, "data_dir": os.path.abspath(options.data_dir),
           "workdir": os.path.abspath(options.workdir) if options.workdir else None,
           "predictions": os.path.abspath(predictions) if predictions else None,
-          "checkpoint": None if predictions else options.checkpoint, "max_pieces": options.max_pieces}
+          "checkpoint": None if predictions else options.checkpoint,
+          "dtype": None if predictions else (options.dtype or "as trained"), "max_pieces": options.max_pieces}
   paths = write_report(output_dir, results, info)
   print(format_table(results))
   if midi_predictions is not None and midi_predictions.missing:
@@ -432,6 +434,8 @@ def _define_flags():
                        lower_bound=1)
   flags.DEFINE_float("plot_seconds", 20.0, "Seconds from the start shown in each piano-roll PNG; 0 writes no plots.",
                      lower_bound=0.0)
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                    "The decoders' compute dtype, as hiermt.transcribe's --dtype (default: as trained).")
 
 
 def main(argv):
