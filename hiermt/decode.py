@@ -304,7 +304,7 @@ def weights_in_compute_dtype(model, params):
 
   Each decoder call of a decoding loop reads all the weights for a handful of
   tokens, so its time is mostly memory traffic: in bfloat16 the loop reads
-  half the bytes (on this project's CPU, decoding a piece took 0.64x the
+  half the bytes (on this project's CPU, decoding a piece took 0.63x the
   float32 time). Vectors (biases, norm scales) keep their dtype. float32
   models get `params` unchanged.
   """

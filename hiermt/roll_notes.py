@@ -326,8 +326,9 @@ def calibrate(pieces, encoder: str, frames_per_second: float, start: dict | None
 
   current = chosen["onset"]
   best_value, best = current, score(current)
-  for value in sorted(CALIBRATION_GRID, key=lambda v: abs(v - current)):  # nearest first: ties keep it
-    result = score(value)
+  others = [v for v in CALIBRATION_GRID if v != current]  # the start is scored above
+  for value in sorted(others, key=lambda v: abs(v - current)):  # nearest first (the lower on equal distance)
+    result = score(value)  # only a strictly higher On F1 moves it: ties keep the nearer value
     if result["onset_f1"] > best["onset_f1"]:
       best_value, best = value, result
   chosen["onset"] = best_value

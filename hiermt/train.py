@@ -626,5 +626,6 @@ def _log(writer, metrics_log, prefix, step, summary, total):
   metrics_log.write(json.dumps({"split": prefix, "step": step, **summary}) + "\n")
   metrics_log.flush()
   shown = " ".join(f"{k} {v:.4g}" for k, v in summary.items()
-                   if k in ("loss", "accuracy", "grad_norm", "steps_per_s", "examples_per_s") or k.endswith(("_f1", "_threshold")))
+                   if k in ("loss", "accuracy", "grad_norm", "steps_per_s", "examples_per_s")
+                   or k.endswith(("_f1", "_threshold")))
   logging.info("[%s] step %d/%d (%.1f%%) %s", prefix, step, total, 100.0 * step / total, shown)
