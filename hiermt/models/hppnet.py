@@ -52,6 +52,11 @@ class _Trunk(nn.Module):
     # Harmonic dilated convolution: one [1 x 3] conv per harmonic, summed.
     x = nn.relu(sum(conv(x, self.features, (1, 3), (1, d)) for d in HARMONIC_DILATIONS))
     x = nn.relu(conv(x, self.features, (1, 3), (1, audio.CQT_BINS_PER_OCTAVE)))
+    if self.dtype != jnp.float32:
+      # Under jit, XLA:CPU fuses the bfloat16 convolutions above into the pooling's fusion and
+      # the fused program returns -inf (the same forward run eagerly is finite). The barrier
+      # keeps them apart; float32 skips it (7 % slower on CPU, and unaffected).
+      x = jax.lax.optimization_barrier(x)
     x = norm(nn.max_pool(x, (1, 4), strides=(1, 4)))  # [batch, time, 88, features]: one bin per pitch
     x = norm(nn.relu(conv(x, self.features, (1, 3), (1, 12))))
     for _ in range(3):
