@@ -155,9 +155,26 @@ class StageModel:
                      ", ".join(f"{k} {v:.2f}" for k, v in thresholds.items()))
     return cls(config, variables, choice.step, fixed_tokens, thresholds, dtype)
 
-  def encode(self, segments):
-    """Encoder outputs (rolls and `features`) of float32 audio [batch, samples], as device arrays."""
-    return self._encode(self.variables, jnp.asarray(segments))
+  def encode(self, segments, batch=None):
+    """Encoder outputs (rolls and `features`) of float32 audio [rows, samples], as device arrays
+    with `batch` rows (default: rows).
+
+    The rows are encoded in power-of-two pieces (6 rows: 4 + 2), not padded with silence: the
+    encoder's cost grows with every row it runs on. Rows past `rows` repeat row 0's outputs, so a
+    decoding loop over the batch ends when the real rows do.
+    """
+    segments = np.asarray(segments, np.float32)
+    rows = len(segments)
+    batch = rows if batch is None else batch
+    pieces, start = [], 0
+    while start < rows:
+      size = 1 << ((rows - start).bit_length() - 1)  # the largest power of two that fits
+      pieces.append(self._encode(self.variables, jnp.asarray(segments[start:start + size])))
+      start += size
+    out = pieces[0] if len(pieces) == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *pieces)
+    if batch > rows:
+      out = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], batch - rows, axis=0)]), out)
+    return out
 
   def free(self, features, rows):
     """Free decoding (onset_pitch, flatten) of the first `rows` of `features`: int32 [rows, max_len] tokens."""
@@ -271,10 +288,11 @@ class NoteTranscriber:
                                     if _same_encoder(stages[other], stage)), name)
 
   def _encoded(self, chunk, cache, stage):
-    """Encoder outputs of `chunk` for `stage`, shared between stages with the same encoder."""
+    """Encoder outputs of the segments `chunk` for `stage`, in a `_batch` of rows, shared between
+    stages with the same encoder."""
     owner = self.encoder_of[stage]
     if owner not in cache:
-      cache[owner] = self.stages[owner].encode(chunk)
+      cache[owner] = self.stages[owner].encode(chunk, self._batch(len(chunk)))
     return cache[owner]
 
   def transcribe(self, audio, progress=False, name="", given=None) -> notes_lib.Notes:
@@ -325,11 +343,10 @@ class NoteTranscriber:
     for start in range(0, count, self.batch_segments):
       yield start, min(count, start + self.batch_segments)
 
-  def _padded(self, segments):
-    """The chunk's segments zero-padded to a power-of-two batch: ([batch, samples], rows)."""
-    rows = len(segments)
-    batch = _pow2_at_most(rows, self.batch_segments)
-    return np.pad(segments, ((0, batch - rows), (0, 0))), rows
+  def _batch(self, rows):
+    """Rows of the decoding batch of a chunk of `rows` segments: a power of two, which bounds the
+    number of compiled decoding loops."""
+    return _pow2_at_most(rows, self.batch_segments)
 
   def _hierarchy(self, segments, duration, bars, given):
     onset, velocity, offset = (self.stages.get(s) for s in LAYOUTS["hierarchy"])
@@ -338,7 +355,7 @@ class NoteTranscriber:
     velocities, offsets, carried = [], {}, np.zeros(0, np.int64)
     self.last_chain = []
     for start, stop in self._chunks(len(segments)):
-      chunk, rows = self._padded(segments[start:stop])
+      chunk, rows = segments[start:stop], stop - start
       ks = range(start, stop)
       encoded = {}
       if onset is not None:
@@ -377,7 +394,7 @@ class NoteTranscriber:
 
     def decode_rows(queries):
       rows_of = np.array([k - start for k, _, _ in queries])
-      batch = _pow2_at_most(len(rows_of), self.batch_segments)
+      batch = self._batch(len(rows_of))
       picked = features[np.pad(rows_of, (0, batch - len(rows_of)))]
       return offset.forced(picked, queries, table)
 
@@ -387,8 +404,8 @@ class NoteTranscriber:
     stage = self.stages["flatten"]
     tokens = []
     for start, stop in self._chunks(len(segments)):
-      chunk, rows = self._padded(segments[start:stop])
-      tokens += list(stage.free(stage.encode(chunk)["features"], rows))
+      chunk, rows = segments[start:stop], stop - start
+      tokens += list(stage.free(stage.encode(chunk, self._batch(rows))["features"], rows))
       bars["flatten"].update(rows)
     return stitch.clip_to_duration(vocab.decode_piece(tokens, "flatten"), duration)
 
@@ -424,8 +441,7 @@ class NoteTranscriber:
     if bar is not None:
       bar.total = len(windows)
     for start, stop in self._chunks(len(windows)):
-      chunk, rows = self._padded(windows[start:stop])
-      out = stage.encode(chunk)
+      out = stage.encode(windows[start:stop])
       for key, parts in rolls.items():
         values = np.asarray(out[key])
         for w in range(start, stop):
@@ -433,7 +449,7 @@ class NoteTranscriber:
           hi = per_window if w == len(windows) - 1 else per_window - quarter
           parts.append(values[w - start, lo:hi])
       if bar is not None:
-        bar.update(rows)
+        bar.update(stop - start)
     return {k: np.concatenate(v) for k, v in rolls.items()}
 
 

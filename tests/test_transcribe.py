@@ -246,3 +246,23 @@ def test_roll_layout_assembles_overlapping_windows_as_kong(encoder_workdir, monk
   notes = t.transcribe(audio)
   assert seen == {"encoder": "crnn", "fps": 100, "thresholds": {"onset": 0.45, "offset": 0.3, "frame": 0.1}}
   assert len(notes) and notes.onset.max() < 23.0 and notes.offset.max() <= 23.0 + 0.01  # >= 10 ms per note
+
+
+def test_encoder_runs_on_power_of_two_pieces_of_the_real_rows(encoder_workdir, monkeypatch):
+  # 6 segments in a decoding batch of 8: the encoder runs on 4 + 2 rows (not 8 with 2 of silence),
+  # each row as it would alone, and the 2 filler rows repeat row 0 so decoding ends with the real rows.
+  workdir, model, variables = encoder_workdir
+  stage = transcribe.load(str(workdir), "roll", batch_segments=8).stages["encoder"]
+  sizes, encode = [], stage._encode
+  monkeypatch.setattr(stage, "_encode", lambda v, a: sizes.append(len(a)) or encode(v, a))
+  audio = np.random.default_rng(1).uniform(-0.3, 0.3, (6, 16000)).astype(np.float32)
+  out = stage.encode(audio, batch=8)
+  assert sizes == [4, 2]
+  alone = jax.jit(lambda v, a: model.apply(v, a, train=False))
+  for name in ("frame", "features"):
+    assert out[name].shape[0] == 8
+    for row in range(6):
+      np.testing.assert_allclose(out[name][row], alone(variables, audio[row:row + 1])[name][0], atol=1e-5)
+    np.testing.assert_array_equal(out[name][6:], np.repeat(np.asarray(out[name][:1]), 2, axis=0))
+  sizes.clear()
+  assert stage.encode(audio[:3])["frame"].shape[0] == 3 and sizes == [2, 1]
