@@ -46,9 +46,10 @@ class _KnownStage:
     self._free_tokens = free_tokens  # int32 [tokens] of the one segment
     self._answer = answer  # (table, note ids of a segment) -> answer token ids
 
-  def encode(self, segments):
-    return {"features": np.zeros((len(segments), 1, 1), np.float32),
-            "frame": np.zeros((len(segments), 1000, 88), np.float32)}  # no pitch sounding: guess nothing carried
+  def encode(self, segments, batch=None):
+    rows = len(segments) if batch is None else batch
+    return {"features": np.zeros((rows, 1, 1), np.float32),
+            "frame": np.zeros((rows, 1000, 88), np.float32)}  # no pitch sounding: guess nothing carried
 
   def free(self, features, rows):
     return self._free_tokens[None][:rows]
