@@ -49,6 +49,7 @@ import numpy as np
 import tqdm
 
 from hiermt import atomic_file
+from hiermt import command_logging
 from hiermt import metrics
 from hiermt import notes as notes_lib
 from hiermt.data import maestro
@@ -439,6 +440,7 @@ def _define_flags():
 
 
 def main(argv):
+  command_logging.hiermt_info_only()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   options = Options.from_flags()

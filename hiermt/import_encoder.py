@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from hiermt import checkpoint
+from hiermt import command_logging
 from hiermt import partitioning
 from hiermt import torch_checkpoint
 from hiermt import train
@@ -197,6 +198,7 @@ def _define_flags():
 
 
 def main(argv):
+  command_logging.hiermt_info_only()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   FLAGS = flags.FLAGS  # noqa: N806

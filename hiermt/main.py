@@ -22,7 +22,6 @@ if __name__ == "__main__":
 
 import difflib
 import json
-import logging as std_logging
 import os
 import re
 import sys
@@ -36,6 +35,7 @@ from ml_collections import config_flags
 
 from hiermt import allocator
 from hiermt import checkpoint
+from hiermt import command_logging
 from hiermt import next_steps
 from hiermt import train
 from hiermt import validation
@@ -47,13 +47,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; each stage writes WORKDIR/STAGE/.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _HiermtInfo(std_logging.Filter):
-  """Keeps INFO lines from hiermt itself; libraries (Orbax, Grain) only warn and above."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/hiermt/" in record.pathname.replace("\\", "/")
 
 
 def _unknown_key(argv):
@@ -140,8 +133,7 @@ def _where_and_next(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_HiermtInfo())
+  command_logging.hiermt_info_only()
   logging.info("host allocator: %s", "tcmalloc" if allocator.tcmalloc_loaded() else
                f"system (install libtcmalloc-minimal4 for faster CPU steps, or {allocator.ENV_SWITCH}=0 is set)")
   config = _CONFIG.value

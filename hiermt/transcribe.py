@@ -50,6 +50,7 @@ import tqdm
 
 from hiermt import audio as audio_lib
 from hiermt import checkpoint
+from hiermt import command_logging
 from hiermt import decode
 from hiermt import notes as notes_lib
 from hiermt import roll_notes
@@ -328,7 +329,10 @@ class NoteTranscriber:
       return notes_lib.Notes.empty()
     count = -(-len(audio) // SEGMENT_SAMPLES)
     segments = audio_lib.pad_or_crop(audio, count * SEGMENT_SAMPLES).reshape(count, SEGMENT_SAMPLES)
-    bars = {s: tqdm.tqdm(total=count, desc=f"{name or 'audio'} [{s}]", unit="seg", disable=not progress,
+    totals = {s: count for s in self.stages}
+    if self.layout == "roll":
+      totals["encoder"] = 2 * count - 1  # piece_rolls' windows: 10 s every 5 s
+    bars = {s: tqdm.tqdm(total=totals[s], desc=f"{name or 'audio'} [{s}]", unit="seg", disable=not progress,
                          leave=False) for s in self.stages}
     try:
       if self.layout == "hierarchy":
@@ -531,6 +535,7 @@ def audio_files(arguments) -> tuple[list[str], list[str]]:
 
 
 def main(argv):
+  command_logging.hiermt_info_only()
   FLAGS = flags.FLAGS  # noqa: N806
   arguments = argv[1:]
   if not arguments:

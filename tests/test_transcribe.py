@@ -188,6 +188,8 @@ def test_cli_writes_midi_per_file_and_reports_bad_files(trained, tmp_path):
   result = _cli(f"--workdir={workdir}", f"--output_dir={out}", wav, inputs)
   assert result.returncode == 1, result.stderr
   assert "broken.wav" in result.stderr and "1 of 3 inputs failed" in result.stderr
+  # Library INFO chatter (JAX's backend probing, Orbax's checkpoint bookkeeping) is not shown.
+  assert "xla_bridge.py" not in result.stderr and "checkpoint_manager.py" not in result.stderr, result.stderr
   assert sorted(os.listdir(out)) == ["piece.mid", "stereo.mid"]
   written = notes_lib.read_midi(out / "piece.mid")
   assert metrics.note_metrics(reference, written)["onset_offset_velocity_f1"] >= 0.9

@@ -6,6 +6,7 @@ from absl import app
 from absl import flags
 
 from configs import base
+from hiermt import command_logging
 from hiermt.benchmark import decode
 from hiermt.benchmark import loader
 from hiermt.benchmark import official
@@ -109,6 +110,7 @@ _SIZED = ("train_step", "vs_official", "decode")
 
 def main(argv):
   """Prints the JSON report of `--what`."""
+  command_logging.hiermt_info_only()
   del argv
   if FLAGS.what not in MODES:
     raise app.UsageError(f"--what must be one of {', '.join(MODES)}, got {FLAGS.what!r}")

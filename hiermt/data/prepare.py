@@ -26,6 +26,7 @@ import tqdm
 
 from hiermt import atomic_file
 from hiermt import audio
+from hiermt import command_logging
 from hiermt import notes as notes_lib
 from hiermt.data import maestro
 
@@ -265,6 +266,7 @@ def _define_flags():
 
 
 def main(argv):
+  command_logging.hiermt_info_only()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = flags.FLAGS

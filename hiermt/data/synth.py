@@ -47,6 +47,7 @@ import soundfile
 import tqdm
 
 from hiermt import atomic_file
+from hiermt import command_logging
 from hiermt.data import maestro
 from hiermt.data import sources
 
@@ -871,6 +872,7 @@ def _define_flags():
 
 
 def main(argv):
+  command_logging.hiermt_info_only()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   started = time.time()
