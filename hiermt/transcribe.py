@@ -77,6 +77,11 @@ def available_layouts(workdir) -> list[str]:
           if all(checkpoint.has_checkpoint(checkpoint.stage_dir(workdir, s)) for s in stages)]
 
 
+def _roll_window_starts(samples):
+  """First samples of the Roll layout's 10 s windows, every 5 s, over `samples` padded to whole segments."""
+  return range(0, samples - SEGMENT_SAMPLES // 2, SEGMENT_SAMPLES // 2)
+
+
 def _pow2_at_most(n, cap):
   """The smallest power of two >= n, but at most `cap` (bounds the number of compiled shapes)."""
   return min(cap, 1 << max(0, int(n) - 1).bit_length())
@@ -331,7 +336,7 @@ class NoteTranscriber:
     segments = audio_lib.pad_or_crop(audio, count * SEGMENT_SAMPLES).reshape(count, SEGMENT_SAMPLES)
     totals = {s: count for s in self.stages}
     if self.layout == "roll":
-      totals["encoder"] = 2 * count - 1  # piece_rolls' windows: 10 s every 5 s
+      totals["encoder"] = len(_roll_window_starts(count * SEGMENT_SAMPLES))
     bars = {s: tqdm.tqdm(total=totals[s], desc=f"{name or 'audio'} [{s}]", unit="seg", disable=not progress,
                          leave=False) for s in self.stages}
     try:
@@ -436,9 +441,8 @@ class NoteTranscriber:
       encoder's frame rate, covering the audio zero-padded to whole 10 s segments.
     """
     stage = self.stages["encoder"]
-    half = SEGMENT_SAMPLES // 2
     audio = audio_lib.pad_or_crop(audio, max(1, -(-len(audio) // SEGMENT_SAMPLES)) * SEGMENT_SAMPLES)
-    windows = np.stack([audio[s:s + SEGMENT_SAMPLES] for s in range(0, len(audio) - half, half)])  # [w, samples]
+    windows = np.stack([audio[s:s + SEGMENT_SAMPLES] for s in _roll_window_starts(len(audio))])  # [w, samples]
     per_window = int(vocab.SEGMENT_SECONDS * stage.frames_per_second)  # the window's extra last frame is dropped
     quarter = per_window // 4
     rolls = {k: [] for k in roll_notes.ROLL_NAMES}
