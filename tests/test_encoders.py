@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hiermt.models import hppnet
 from hiermt.models import layers
 from hiermt.models.crnn import CRNN
 from hiermt.models.hppnet import HPPNet
@@ -187,3 +188,56 @@ def test_bfloat16_hppnet_inference_is_finite_and_close_to_float32():
   for name in ROLLS:
     assert bool(jnp.all(jnp.isfinite(got[name]))), name
     np.testing.assert_allclose(got[name], reference[name], atol=0.05, err_msg=name)
+
+
+def _harmonic_reference(x, kernels):
+  """Sum of HPPNet's [1 x 3] harmonic convs by loops: out[f] = sum_k,j x[f + (j - 1) d_k] @ kernels[k, j]."""
+  out = np.zeros(x.shape[:3] + (kernels.shape[-1],))
+  bins = x.shape[2]
+  for k, d in enumerate(hppnet.HARMONIC_DILATIONS):
+    for j in range(3):
+      for f in range(bins):
+        g = f + (j - 1) * d
+        if 0 <= g < bins:
+          out[:, :, f] += x[:, :, g] @ kernels[k, j]
+  return out
+
+
+def test_both_forms_of_the_harmonic_convolutions_are_the_summed_dilated_convs():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1, 2, 352, 2)).astype(np.float32)  # [batch, time, bins, in]
+  kernels = rng.normal(size=(8, 3, 2, 3)).astype(np.float32)  # [harmonics, taps, in, out]
+  want = _harmonic_reference(x, kernels)
+  assert hppnet.HARMONIC_DILATIONS == (48, 76, 96, 111, 124, 135, 144, 152)
+  for form in (hppnet._harmonic_convs, hppnet._harmonic_matmul):
+    np.testing.assert_allclose(form(x, kernels), want, rtol=1e-4, atol=1e-4, err_msg=form.__name__)
+  # A single impulse at bin 200 through harmonic 2 (dilation 96), tap 0: it reaches bin 200 + 96.
+  impulse = np.zeros((1, 1, 352, 1), np.float32)
+  impulse[0, 0, 200] = 1.0
+  only = np.zeros((8, 3, 1, 1), np.float32)
+  only[2, 0] = 1.0
+  for form in (hppnet._harmonic_convs, hppnet._harmonic_matmul):
+    assert np.flatnonzero(np.asarray(form(impulse, only))[0, 0, :, 0]).tolist() == [296]
+  # The matmul form, used in training, has the gradients of the convs.
+  cotangent = rng.normal(size=want.shape).astype(np.float32)
+  grads = [jax.grad(lambda a, k, form=form: jnp.vdot(form(a, k), cotangent), argnums=(0, 1))(x, kernels)
+           for form in (hppnet._harmonic_convs, hppnet._harmonic_matmul)]
+  for got, ref in zip(grads[1], grads[0]):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_hppnet_train_flag_changes_no_output():
+  """`train` only picks the form of the harmonic convolutions; rolls and gradients stay the same."""
+  audio = _tone_batch(2, 1.0)
+  model = HPPNet(width=TINY)
+  variables = jax.jit(lambda x: model.init(RNG, x, train=False))(audio)
+
+  def loss(v, train):
+    return model.apply(v, audio, train=train)["logits"]["frame"].mean()
+
+  rolls = {t: jax.jit(lambda v, x, t=t: model.apply(v, x, train=t))(variables, audio) for t in (False, True)}
+  for name in ROLLS:
+    np.testing.assert_allclose(rolls[True][name], rolls[False][name], atol=1e-5, err_msg=name)
+  want, got = (jax.jit(jax.grad(lambda v, t=t: loss(v, t)))(variables) for t in (False, True))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
