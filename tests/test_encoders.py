@@ -227,7 +227,7 @@ def test_both_forms_of_the_harmonic_convolutions_are_the_summed_dilated_convs():
 
 
 def test_hppnet_train_flag_changes_no_output():
-  """`train` only picks the form of the harmonic convolutions; rolls and gradients stay the same."""
+  """`train` only picks the forms of the harmonic convolutions and the pitch pooling; rolls and gradients stay."""
   audio = _tone_batch(2, 1.0)
   model = HPPNet(width=TINY)
   variables = jax.jit(lambda x: model.init(RNG, x, train=False))(audio)
