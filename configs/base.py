@@ -117,7 +117,9 @@ def get_config(arg=None):
   c.freeze_encoder = False
   # Roll baseline (`transcribe --layout=roll`): thresholds of the encoder's published
   # post-processing (hiermt/roll_notes.py); Kong's CRNN also has an offset threshold.
-  c.roll = ml_collections.ConfigDict(roll_notes.DEFAULT_THRESHOLDS[opts["encoder"]])
+  # HPPNet's `cut_at_onset`: a new onset of a key ends its sounding note (False: HPPNet's rule).
+  c.roll = ml_collections.ConfigDict({**roll_notes.DEFAULT_THRESHOLDS[opts["encoder"]],
+                                      **roll_notes.DEFAULT_RULES[opts["encoder"]]})
 
   # --- decoder ------------------------------------------------------------
   layers, heads, dim, batch = DECODER_SIZES[opts["size"]]

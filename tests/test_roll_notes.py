@@ -273,6 +273,41 @@ def test_hppnet_max_length():
   _assert_notes(roll_notes.hppnet_notes(rolls), [(0.04, 20.04, 60, 1)])
 
 
+def _restruck_key():
+  """C4 struck at frames 2 and 6 (an onset plateau over 6-7) while its frame roll stays on to frame 12."""
+  rolls = _rolls(20)
+  rolls["onset"][2, C4] = 0.875
+  rolls["onset"][6:8, C4] = 0.875
+  rolls["frame"][2:12, C4] = 0.875
+  return rolls
+
+
+def test_hppnet_new_onset_ends_the_sounding_note():
+  # The first note ends where the second starts (frame 6), not at the frame roll's last frame (11,
+  # HPPNet's end); the second runs to frame 11.
+  _assert_notes(roll_notes.hppnet_notes(_restruck_key()), [(0.04, 0.12, 60, 1), (0.12, 0.22, 60, 1)])
+  _assert_notes(roll_notes.rolls_to_notes(_restruck_key(), "hppnet", 50),
+                [(0.04, 0.12, 60, 1), (0.12, 0.22, 60, 1)])
+
+
+def test_hppnet_published_rule_runs_through_a_new_onset():
+  # HPPNet's extract_notes: both notes last while the frame roll is on, so they overlap.
+  expected = [(0.04, 0.22, 60, 1), (0.12, 0.22, 60, 1)]
+  _assert_notes(roll_notes.hppnet_notes(_restruck_key(), cut_at_onset=False), expected)
+  _assert_notes(roll_notes.rolls_to_notes(_restruck_key(), "hppnet", 50, {"cut_at_onset": False}), expected)
+
+
+def test_hppnet_cut_keeps_other_keys_and_one_frame_notes():
+  rolls = _restruck_key()
+  rolls["onset"][3, C4 + 1] = 0.875  # another key between the strokes is not a new onset of C4
+  rolls["onset"][8, C4] = 0.0
+  rolls["onset"][9, C4] = 0.875  # peaks at 6-7 and at 9: the run from 6 ends at 9
+  rolls["frame"][3:5, C4 + 1] = 0.875
+  # C#4: frame 4 held after its onset at 3, so it ends at 4. C4's last stroke holds frames 10-11.
+  _assert_notes(roll_notes.hppnet_notes(rolls),
+                [(0.04, 0.12, 60, 1), (0.06, 0.08, 61, 1), (0.12, 0.18, 60, 1), (0.18, 0.22, 60, 1)])
+
+
 @pytest.mark.parametrize("value, velocity", [
     (0.5, 63),  # 63.5 truncated; save_midi scales by 127, not 128
     (1.0, 127),
@@ -332,7 +367,7 @@ def test_unknown_encoder():
 
 
 def test_unknown_threshold():
-  with pytest.raises(ValueError, match="valid keys: onset, frame"):
+  with pytest.raises(ValueError, match="valid keys: onset, frame, cut_at_onset"):
     roll_notes.rolls_to_notes(_rolls(10), "hppnet", 50, {"offset": 0.5})
 
 
