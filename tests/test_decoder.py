@@ -128,6 +128,39 @@ def test_rope_scores_depend_only_on_position_difference():
   np.testing.assert_allclose(dec.apply_rope(x, jnp.array([1]))[0, 0, 0], [np.cos(1), np.sin(1), 0, 0], atol=1e-6)
 
 
+def test_partial_rope_rotates_only_the_first_features():
+  # rotary_dims=2 of 4: only (x0, x1) turn, by position * 1e4**0 = 1 rad per position; x2, x3 pass.
+  x = jnp.array([1.0, 0.0, 0.5, -2.0]).reshape(1, 1, 1, 4)
+  np.testing.assert_allclose(dec.apply_rope(x, jnp.array([2]), rotary_dims=2)[0, 0, 0],
+                             [np.cos(2), np.sin(2), 0.5, -2.0], atol=1e-6)
+  # The rotated part uses its own width for the frequencies: pair 1 of 4 rotary dims turns by 1e4**(-1/2).
+  y = jnp.zeros((1, 1, 1, 6)).at[..., 2].set(1.0)
+  np.testing.assert_allclose(dec.apply_rope(y, jnp.array([3]), rotary_dims=4)[0, 0, 0],
+                             [0, 0, np.cos(0.03), np.sin(0.03), 0, 0], atol=1e-6)
+  assert [dec.rotary_dims(32, f) for f in (1.0, 0.5, 0.25, 0.0)] == [32, 16, 8, 0]
+  assert dec.rotary_dims(8, 0.3) == 2  # 2.4 features -> one pair
+  with pytest.raises(ValueError, match="rope_fraction"):
+    dec.rotary_dims(32, 1.5)
+
+
+def test_cached_decoding_matches_full_forward_with_partial_rope():
+  model = _model("prefix", rope_fraction=0.5)
+  tokens, audio = _inputs()
+  params = jax.jit(model.init)(jax.random.key(1), tokens, audio)["params"]
+  step = jax.jit(lambda p, cache, t, a: model.apply({"params": p, "cache": cache}, t, a, decode=True,
+                                                   mutable=["cache"]))
+  cache = model.init_cache(audio)
+  out, start = [], 0
+  for i, size in enumerate([2, 1, 1, 4, 4]):
+    logits, mutated = step(params, cache, tokens[:, start:start + size], audio if i == 0 else None)
+    cache, start = mutated["cache"], start + size
+    out.append(logits)
+  full = jax.jit(model.apply)({"params": params}, tokens, audio)
+  np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, rtol=1e-5, atol=1e-5)
+  # Half the features rotate: the model differs from the fully rotary one with the same parameters.
+  assert not np.allclose(full, _model("prefix").apply({"params": params}, tokens, audio), atol=1e-4)
+
+
 def test_audio_conditions_the_logits_and_prefix_positions_get_none():
   _, params, forward, _ = _setup("prefix")
   tokens, audio = _inputs()

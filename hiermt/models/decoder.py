@@ -83,17 +83,21 @@ def time_aligned_init(base, rows: range, codes: jax.Array, axis: int):
   return init
 
 
-def apply_rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, rotary_dims: int | None = None) -> jax.Array:
   """Rotates adjacent feature pairs (x[2i], x[2i+1]) by position * ROPE_BASE**(-2i/d).
 
   Args:
     x: `[batch, length, heads, head_dim]`, head_dim even.
     positions: `[length]` rotary positions (shared by the batch).
+    rotary_dims: rotate only the first `rotary_dims` features (even; d = rotary_dims),
+      passing the others through, as GPT-NeoX's partial rotary does. None: all of them.
 
   Returns:
     The rotated array, same shape and dtype as `x`.
   """
   head_dim = x.shape[-1]
+  if rotary_dims is not None and rotary_dims < head_dim:
+    return jnp.concatenate([apply_rope(x[..., :rotary_dims], positions), x[..., rotary_dims:]], axis=-1)
   inv_freq = ROPE_BASE ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [head_dim/2]
   angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [length, head_dim/2]
   cos = jnp.cos(angles)[:, None, :]  # [length, 1, head_dim/2]
@@ -102,6 +106,13 @@ def apply_rope(x: jax.Array, positions: jax.Array) -> jax.Array:
   even, odd = pairs[..., 0], pairs[..., 1]  # [batch, length, heads, head_dim/2]
   rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
   return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def rotary_dims(head_dim: int, fraction: float) -> int:
+  """The features per head that RoPE rotates: `fraction` of head_dim, rounded to an even number."""
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"Decoder.rope_fraction must be in [0, 1], got {fraction}")
+  return 2 * int(round(head_dim * fraction / 2))
 
 
 def _pool_time(x: jax.Array, factor: int) -> jax.Array:
@@ -181,6 +192,7 @@ class Attention(nn.Module):
   cache_len: int | None
   dtype: Any
   param_dtype: Any
+  rotary_dims: int | None = None  # features per head that RoPE rotates (None: all)
 
   @nn.compact
   def __call__(self, x, positions, rope_positions, memory=None):
@@ -189,13 +201,13 @@ class Attention(nn.Module):
     proj = functools.partial(
         nn.DenseGeneral, features=(self.num_heads, dim // self.num_heads), use_bias=False,
         dtype=self.dtype, param_dtype=self.param_dtype)
-    q = apply_rope(rowwise(proj(name="query"), x), rope_positions)  # [batch, n, heads, head_dim]
+    q = apply_rope(rowwise(proj(name="query"), x), rope_positions, self.rotary_dims)  # [batch, n, heads, head_dim]
     if self.cross:
       if memory is not None:
         k = rowwise(proj(name="key"), memory)  # [batch, frames, heads, head_dim]
         v = rowwise(proj(name="value"), memory)
     else:
-      k = apply_rope(rowwise(proj(name="key"), x), rope_positions)  # [batch, n, heads, head_dim]
+      k = apply_rope(rowwise(proj(name="key"), x), rope_positions, self.rotary_dims)  # [batch, n, heads, head_dim]
       v = rowwise(proj(name="value"), x)
     if self.decode:
       if self.cross:
@@ -234,6 +246,7 @@ class Block(nn.Module):
   cache_len: int | None
   dtype: Any
   param_dtype: Any
+  rotary_dims: int | None = None  # features per head that RoPE rotates (None: all)
 
   @nn.compact
   def __call__(self, x, positions, rope_positions, memory):
@@ -241,7 +254,7 @@ class Block(nn.Module):
     norm = functools.partial(nn.RMSNorm, epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
     attention_layer = functools.partial(
         Attention, self.num_heads, decode=self.decode, prefill=self.prefill, cache_len=self.cache_len,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        dtype=self.dtype, param_dtype=self.param_dtype, rotary_dims=self.rotary_dims)
     mlp = functools.partial(SwiGLU, swiglu_hidden(x.shape[-1]), dtype=self.dtype, param_dtype=self.param_dtype)
     x = x + attention_layer(cross=False, name="self_attn")(norm(name="attn_norm")(x), positions, rope_positions)
     x = x + mlp(name="mlp")(norm(name="mlp_norm")(x))
@@ -263,6 +276,9 @@ class Decoder(nn.Module):
     prefix_pool: average-pools the audio features in time by this factor first.
     dtype: compute dtype; parameters are stored in `param_dtype`.
     remat: rematerialise each block in the backward pass (not in decode mode).
+    rope_fraction: share of each head's features that RoPE rotates (1: all, the paper's
+      decoder). The others carry no position, so a note token's query can match the
+      audio prefix (at rotary position 0) by content whatever its own position.
     time_tokens: (first id, count, prefix frames per token) of the time tokens, or None.
       Given (prefix conditioning only), time token i's embedding row and output-head
       column start as the sinusoidal position code of the prefix frame it names
@@ -279,6 +295,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  rope_fraction: float = 1.0
   time_tokens: tuple | None = None
 
   def _check(self):
@@ -356,7 +373,9 @@ class Decoder(nn.Module):
     block = nn.remat(Block) if self.remat and not decode else Block
     for i in range(self.num_layers):
       x = block(self.num_heads, cross=not prefix, decode=decode, prefill=prefill, cache_len=cache_len,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}")(x, positions, rope_positions, memory)
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}",
+                rotary_dims=rotary_dims(self.dim // self.num_heads, self.rope_fraction))(
+                    x, positions, rope_positions, memory)
     x = nn.RMSNorm(epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     x = x[:, num_prefix:]  # [batch, n, dim]: logits for note tokens only
     head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=head_init, dtype=self.dtype,

@@ -112,7 +112,8 @@ def build_decoder(config) -> decoder_lib.Decoder:
   return decoder_lib.Decoder(
       vocab_size=vocabulary.VOCAB_SIZE, num_layers=d.num_layers, num_heads=d.num_heads, dim=d.dim,
       max_len=config.data.max_tokens, conditioning=d.conditioning, prefix_pool=d.prefix_pool,
-      dtype=compute_dtype(config), remat=config.train.remat, time_tokens=time_tokens)
+      dtype=compute_dtype(config), remat=config.train.remat, time_tokens=time_tokens,
+      rope_fraction=d.get("rope_fraction", 1.0))  # absent from config.json files saved before it existed
 
 
 def compute_dtype(config) -> Any:
