@@ -40,8 +40,22 @@ def _setup(conditioning):
 
 
 def _decode_in_chunks(conditioning, tokens, audio, chunks):
-  """Feeds `tokens` through the KV cache in pieces of the given sizes; returns the concatenated logits."""
+  """`_decode_with_cache` with the shared model of `conditioning` (`_setup`)."""
   model, params, _, step = _setup(conditioning)
+  return _decode_with_cache(model, params, step, tokens, audio, chunks)
+
+
+def _cached_vs_full(model, tokens, audio, chunks=(2, 1, 1, 4, 4)):
+  """(logits decoded through the KV cache in `chunks`, logits of the full forward) of a fresh `model`."""
+  params = jax.jit(model.init)(jax.random.key(1), tokens, audio)["params"]
+  step = jax.jit(lambda p, cache, t, a: model.apply({"params": p, "cache": cache}, t, a, decode=True,
+                                                   mutable=["cache"]))
+  full = jax.jit(model.apply)({"params": params}, tokens, audio)
+  return _decode_with_cache(model, params, step, tokens, audio, chunks), full
+
+
+def _decode_with_cache(model, params, step, tokens, audio, chunks):
+  """Feeds `tokens` through the KV cache in pieces of the given sizes; returns the concatenated logits."""
   cache = model.init_cache(audio)
   out, start = [], 0
   for i, size in enumerate(chunks):
@@ -67,18 +81,9 @@ def test_cached_decoding_matches_full_forward_across_cache_chunks():
   # later calls read three chunks and one multi-token call straddles a chunk boundary.
   model = _model("prefix", prefix_pool=1)
   tokens, audio = _inputs(frames=2 * attention.KEY_CHUNK - 5)
-  params = jax.jit(model.init)(jax.random.key(1), tokens, audio)["params"]
-  step = jax.jit(lambda p, cache, t, a: model.apply({"params": p, "cache": cache}, t, a, decode=True,
-                                                   mutable=["cache"]))
-  cache = model.init_cache(audio)
-  assert cache["block_0"]["self_attn"]["cached_key"].shape[-1] == 3 * attention.KEY_CHUNK
-  out, start = [], 0
-  for i, size in enumerate([2, 1, 1, 4, 4]):
-    logits, mutated = step(params, cache, tokens[:, start:start + size], audio if i == 0 else None)
-    cache, start = mutated["cache"], start + size
-    out.append(logits)
-  full = jax.jit(model.apply)({"params": params}, tokens, audio)
-  np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, rtol=1e-5, atol=1e-5)
+  assert model.init_cache(audio)["block_0"]["self_attn"]["cached_key"].shape[-1] == 3 * attention.KEY_CHUNK
+  cached, full = _cached_vs_full(model, tokens, audio)
+  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("queries", [1, 3])
@@ -146,18 +151,10 @@ def test_partial_rope_rotates_only_the_first_features():
 def test_cached_decoding_matches_full_forward_with_partial_rope():
   model = _model("prefix", rope_fraction=0.5)
   tokens, audio = _inputs()
-  params = jax.jit(model.init)(jax.random.key(1), tokens, audio)["params"]
-  step = jax.jit(lambda p, cache, t, a: model.apply({"params": p, "cache": cache}, t, a, decode=True,
-                                                   mutable=["cache"]))
-  cache = model.init_cache(audio)
-  out, start = [], 0
-  for i, size in enumerate([2, 1, 1, 4, 4]):
-    logits, mutated = step(params, cache, tokens[:, start:start + size], audio if i == 0 else None)
-    cache, start = mutated["cache"], start + size
-    out.append(logits)
-  full = jax.jit(model.apply)({"params": params}, tokens, audio)
-  np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, rtol=1e-5, atol=1e-5)
-  # Half the features rotate: the model differs from the fully rotary one with the same parameters.
+  cached, full = _cached_vs_full(model, tokens, audio)
+  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+  # Half the features rotate: the same parameters give other logits in the fully rotary model.
+  params = model.init(jax.random.key(1), tokens, audio)["params"]
   assert not np.allclose(full, _model("prefix").apply({"params": params}, tokens, audio), atol=1e-4)
 
 
