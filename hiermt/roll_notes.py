@@ -287,7 +287,7 @@ def rolls_to_notes(rolls, encoder: str, frames_per_second: float,
   merged = dict(DEFAULT_THRESHOLDS[encoder], **DEFAULT_RULES[encoder])
   unknown = sorted(set(thresholds or {}) - set(merged))
   if unknown:
-    raise ValueError(f"unknown {encoder} thresholds {unknown}; valid keys: {', '.join(merged)}")
+    raise ValueError(f"unknown {encoder} roll settings {unknown}; valid keys: {', '.join(merged)}")
   merged.update(thresholds or {})
   return _DECODERS[encoder](rolls, frames_per_second,
                             **{name if name in DEFAULT_RULES[encoder] else f"{name}_threshold": value

@@ -371,11 +371,11 @@ class Decoder(nn.Module):
     cache_len = -(-(num_prefix + self.max_len) // attention.KEY_CHUNK) * attention.KEY_CHUNK if prefill else None
 
     block = nn.remat(Block) if self.remat and not decode else Block
+    rotary = rotary_dims(self.dim // self.num_heads, self.rope_fraction)
     for i in range(self.num_layers):
       x = block(self.num_heads, cross=not prefix, decode=decode, prefill=prefill, cache_len=cache_len,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}",
-                rotary_dims=rotary_dims(self.dim // self.num_heads, self.rope_fraction))(
-                    x, positions, rope_positions, memory)
+                dtype=self.dtype, param_dtype=self.param_dtype, rotary_dims=rotary,
+                name=f"block_{i}")(x, positions, rope_positions, memory)
     x = nn.RMSNorm(epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     x = x[:, num_prefix:]  # [batch, n, dim]: logits for note tokens only
     head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=head_init, dtype=self.dtype,
