@@ -142,6 +142,9 @@ def main(argv):
   except train.Preempted as e:
     logging.warning("%s", e)
     sys.exit(train.PREEMPTED_EXIT_CODE)
+  except FileNotFoundError as e:  # an earlier stage is untrained or the data is missing: the message says what to do
+    print(f"hiermt.main: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   lines = _where_and_next(config, _WORKDIR.value)
   if jax.process_index() == 0:
     print("\n".join(lines), flush=True)

@@ -1,6 +1,7 @@
 """configs/base.py: stage parsing, sizes, runlocal, clear errors on typos."""
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -55,3 +56,19 @@ def test_cli_names_a_misspelt_stage_or_option_in_one_line(tmp_path):
                            f"--workdir={tmp_path}"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_cli_names_the_untrained_encoder_in_one_line(tmp_path):
+  # An LM stage in a workdir without an encoder checkpoint: the error says what to train first.
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, HIERMT_TCMALLOC="0")
+  proc = subprocess.run([sys.executable, "-m", "hiermt.main", "--config=configs/base.py:onset_pitch,runlocal",
+                         f"--workdir={tmp_path}", f"--config.data.data_dir={tmp_path / 'corpus'}"],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  # Everything but absl's log lines (I/W + date) and blank ones.
+  errors = [line for line in proc.stderr.splitlines() if line.strip() and not re.match(r"[IW]\d{4} ", line)]
+  assert errors == [f"hiermt.main: no checkpoint in {tmp_path / 'encoder'}. Pretrain the encoder first "
+                    "(python -m hiermt.main --config=configs/base.py:encoder --workdir=WORKDIR), point "
+                    "--config.init_from at a stage directory that has one, or set --config.init_from=none "
+                    "to start the encoder from scratch"], proc.stderr[-2000:]
