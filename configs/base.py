@@ -137,6 +137,9 @@ def get_config(arg=None):
   c.decoder.time_init = False
   # Share of each attention head's features that RoPE rotates (1.0: all, the paper's decoder).
   c.decoder.rope_fraction = 1.0
+  # Rotary positions in time (prefix frames at their start, tokens at the latest time token)
+  # instead of sequence indices; prefix conditioning. False: the paper's positions.
+  c.decoder.rope_time = False
 
   # --- optimisation -------------------------------------------------------
   c.train = ml_collections.ConfigDict()

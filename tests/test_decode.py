@@ -16,8 +16,10 @@ MAX_LEN = 40
 
 @functools.cache
 def _model(stage, conditioning, dtype="float32"):
+  """conditioning: "prefix", "cross", or "prefix-time" (prefix with `decoder.rope_time`)."""
   from conftest import load_base_config
-  config = load_base_config().get_config(f"{stage},runlocal,conditioning={conditioning}")
+  config = load_base_config().get_config(f"{stage},runlocal,conditioning={conditioning.split('-')[0]}")
+  config.decoder.rope_time = conditioning == "prefix-time"
   config.data.max_tokens = MAX_LEN
   config.train.dtype = dtype
   model = transcriber.build_model(config)
@@ -47,7 +49,7 @@ def _check_grammar(stage, tokens):
   assert np.all((decoded["pitch"] >= 21) & (decoded["pitch"] <= 108))
 
 
-@pytest.mark.parametrize("conditioning", ["prefix", "cross"])
+@pytest.mark.parametrize("conditioning", ["prefix", "cross", "prefix-time"])
 @pytest.mark.parametrize("stage", ["onset_pitch", "flatten"])
 def test_free_run_equals_full_recompute(stage, conditioning):
   model, params, features = _model(stage, conditioning)
@@ -70,7 +72,7 @@ def test_banning_eos_fills_every_row_in_both_strategies():
     decode.free_run(model, "onset_pitch", 2, params, features)
 
 
-@pytest.mark.parametrize("conditioning", ["prefix", "cross"])
+@pytest.mark.parametrize("conditioning", ["prefix", "cross", "prefix-time"])
 @pytest.mark.parametrize("stage", ["velocity", "offset"])
 def test_forced_run_equals_full_recompute(stage, conditioning):
   model, params, features = _model(stage, conditioning)

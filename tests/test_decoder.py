@@ -197,7 +197,7 @@ def test_swiglu_width_rounds_up_to_256():
 def test_time_tokens_start_at_their_frames_position_codes():
   # dim 8: inverse frequencies 1e4^(-k/4) = 1, 0.1, 0.01, 0.001. Tokens 8..10 name prefix
   # positions 0, 0.5 and 1 (0.5 per token).
-  model = _model(dim=8, num_heads=2, time_tokens=(8, 3, 0.5))
+  model = _model(dim=8, num_heads=2, time_tokens=(8, 3, 0.5), time_init=True)
   params = model.init(jax.random.key(1), *_inputs())["params"]
   plain = _model(dim=8, num_heads=2).init(jax.random.key(1), *_inputs())["params"]
   inv = np.array([1.0, 0.1, 0.01, 0.001])
@@ -211,7 +211,56 @@ def test_time_tokens_start_at_their_frames_position_codes():
   np.testing.assert_array_equal(embedding[keep], np.asarray(plain["embed"]["embedding"])[keep])
   np.testing.assert_array_equal(head[:, keep], np.asarray(plain["head"]["kernel"])[:, keep])
   with pytest.raises(ValueError, match="conditioning='prefix'"):
-    _model("cross", time_tokens=(8, 3, 0.5)).init(jax.random.key(1), *_inputs())
+    _model("cross", time_tokens=(8, 3, 0.5), time_init=True).init(jax.random.key(1), *_inputs())
+  # The layout alone changes nothing.
+  same = _model(dim=8, num_heads=2, time_tokens=(8, 3, 0.5)).init(jax.random.key(1), *_inputs())["params"]
+  np.testing.assert_array_equal(same["embed"]["embedding"], plain["embed"]["embedding"])
+
+
+def test_token_times_carry_the_latest_time_token():
+  # Time ids 8, 9, 10 name times 0, 1, 2. Row 0 starts a sequence (time 0), row 1 continues
+  # one that had reached time 5.
+  tokens = jnp.array([[1, 9, 2, 3, 10, 8, 4],
+                      [2, 3, 10, 1, 11, 7, 9]])
+  times = dec.token_times(tokens, 8, 3, jnp.array([0, 5]))
+  np.testing.assert_array_equal(times, [[0, 1, 1, 1, 2, 0, 0],
+                                        [5, 5, 2, 2, 2, 2, 1]])
+  # With a 3-frame prefix at 0.5 frames per token, frames sit at times 0, 2, 4.
+  positions = dec.time_positions(tokens, 3, (8, 3, 0.5), jnp.array([0, 5]))
+  np.testing.assert_array_equal(positions[1], [0, 2, 4, 5, 5, 2, 2, 2, 2, 1])
+  assert positions.shape == (2, 10) and positions.dtype == jnp.float32
+
+
+def _time_rope_model(**kw):
+  # Ids 8..607 are times: about half of `_inputs`' random tokens.
+  return _model(time_tokens=(8, 600, 0.5), rope_time=True, rope_fraction=0.5, **kw)
+
+
+def test_cached_decoding_matches_full_forward_with_time_rope():
+  # Chunks of 1, 2 and 4 tokens carry the time reached across decode calls.
+  tokens, audio = _inputs()
+  cached, full = _cached_vs_full(_time_rope_model(), tokens, audio, chunks=(1, 2, 1, 4, 4))
+  np.testing.assert_allclose(cached, full, atol=1e-4)
+  # The same parameters with sequence positions give other logits.
+  params = _time_rope_model().init(jax.random.key(1), tokens, audio)["params"]
+  other = _model(time_tokens=(8, 600, 0.5), rope_fraction=0.5).apply({"params": params}, tokens, audio)
+  assert np.abs(np.asarray(other) - np.asarray(full)).max() > 1e-3
+
+
+def test_time_rope_positions_are_the_times_reached():
+  # One prefix frame (2 frames pooled 2x) sits at position 0 in both schemes. Tokens naming
+  # times 0, 1, 2, ... in turn put token j at time j, its sequence index: the logits equal the
+  # sequence-position model's. Times 0, 2, 4, ... move every token but the first.
+  audio = _inputs(frames=2)[1]
+  steps = 8 + jnp.tile(jnp.arange(MAX_LEN), (BATCH, 1))  # [batch, MAX_LEN]
+  strides = 8 + 2 * jnp.tile(jnp.arange(MAX_LEN), (BATCH, 1))
+  model, plain = _time_rope_model(), _model(time_tokens=(8, 600, 0.5), rope_fraction=0.5)
+  params = model.init(jax.random.key(1), steps, audio)["params"]
+  np.testing.assert_allclose(model.apply({"params": params}, steps, audio),
+                             plain.apply({"params": params}, steps, audio), atol=1e-5)
+  moved = np.abs(np.asarray(model.apply({"params": params}, strides, audio))
+                 - np.asarray(plain.apply({"params": params}, strides, audio))).max(axis=-1)  # [batch, MAX_LEN]
+  assert moved[:, 0].max() < 1e-5 and moved[:, 1:].min() > 1e-4
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -240,3 +289,7 @@ def test_bad_input_raises_clear_errors():
     _model().init(jax.random.key(0), tokens)
   with pytest.raises(ValueError, match="max_len"):
     _model().init(jax.random.key(0), jnp.zeros((1, MAX_LEN + 1), jnp.int32), audio)
+  with pytest.raises(ValueError, match="rope_time needs Decoder.time_tokens"):
+    _model(rope_time=True).init(jax.random.key(0), tokens, audio)
+  with pytest.raises(ValueError, match="rope_time aligns"):
+    _model("cross", time_tokens=(8, 3, 0.5), rope_time=True).init(jax.random.key(0), tokens, audio)

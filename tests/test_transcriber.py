@@ -65,11 +65,13 @@ def test_time_init_maps_10ms_time_tokens_to_pooled_prefix_frames(encoder, per_to
   # Pool 4 (runlocal): CRNN 100 frames/s -> 25 prefix positions/s, 0.25 per 10 ms token;
   # HPPNet 50 frames/s -> 0.125.
   config = base.get_config(f"velocity,encoder={encoder},runlocal")
-  assert transcriber.build_decoder(config).time_tokens is None
-  del config.decoder["time_init"]  # a config.json saved before the option existed
-  assert transcriber.build_decoder(config).time_tokens is None
-  config.decoder.time_init = True
-  assert transcriber.build_decoder(config).time_tokens == (vocabulary.TIME_OFFSET, 1001, per_token)
+  decoder = transcriber.build_decoder(config)
+  assert decoder.time_tokens == (vocabulary.TIME_OFFSET, 1001, per_token)
+  assert not decoder.time_init and not decoder.rope_time
+  del config.decoder["time_init"], config.decoder["rope_time"]  # a config.json saved before the options existed
+  assert not transcriber.build_decoder(config).time_init
+  config.decoder.time_init = config.decoder.rope_time = True
+  assert transcriber.build_decoder(config).time_init and transcriber.build_decoder(config).rope_time
 
 
 @pytest.mark.parametrize("arg", ["encoder,runlocal", "encoder,encoder=hppnet,runlocal", "onset_pitch,runlocal",

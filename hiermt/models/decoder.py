@@ -13,6 +13,8 @@ decoder in one of two ways (`conditioning`):
   rotates note tokens only: token t sits at rotary position t and every prefix
   frame at rotary position 0 (an identity rotation); the prefix order is carried
   by the sinusoidal encoding. Logits and the loss cover token positions only.
+  With `rope_time` every position is a time instead: a prefix frame's rotary
+  position is its start and a token's the time its sequence has reached.
 * `"cross"` (the official code): self-attention, SwiGLU, cross-attention to the
   projected audio (RoPE on queries only, no mask), a second SwiGLU. The audio is
   `Dense(dim)(features) + Dense(dim)(64-d sinusoidal positions)`.
@@ -83,12 +85,51 @@ def time_aligned_init(base, rows: range, codes: jax.Array, axis: int):
   return init
 
 
+def token_times(tokens: jax.Array, first: int, count: int, start: jax.Array) -> jax.Array:
+  """The time each token's sequence has reached: the value of the latest time token at or
+  before it (ids first..first+count-1 name times 0..count-1), `start` before the first one.
+
+  Args:
+    tokens: int `[batch, n]`.
+    start: int `[batch]`, the time reached before `tokens` (0 for a fresh sequence).
+
+  Returns:
+    int32 `[batch, n]`.
+  """
+  is_time = (tokens >= first) & (tokens < first + count)  # [batch, n]
+  index = jnp.where(is_time, jnp.arange(tokens.shape[1]), -1)  # [batch, n]
+  latest = jax.lax.cummax(index, axis=1)  # [batch, n]: position of the latest time token, -1 if none
+  values = jnp.take_along_axis(tokens - first, jnp.maximum(latest, 0), axis=1)  # [batch, n]
+  return jnp.where(latest >= 0, values, start[:, None]).astype(jnp.int32)
+
+
+def time_positions(tokens: jax.Array, num_prefix: int, time_tokens: tuple, start: jax.Array) -> jax.Array:
+  """`Decoder.rope_time`'s rotary positions of `[prefix; tokens]`, in time-token steps.
+
+  Prefix frame f sits at its start, f / (prefix frames per token); each token at
+  `token_times`.
+
+  Args:
+    tokens: int `[batch, n]`.
+    num_prefix: prefix frames before the tokens (0 on decode calls after the prefill).
+    time_tokens: (first id, count, prefix frames per token), as `Decoder.time_tokens`.
+    start: int `[batch]`, the time reached before `tokens`.
+
+  Returns:
+    float32 `[batch, num_prefix + n]`.
+  """
+  first, count, frames_per_token = time_tokens
+  frames = jnp.arange(num_prefix, dtype=jnp.float32) / frames_per_token  # [num_prefix]
+  times = token_times(tokens, first, count, start).astype(jnp.float32)  # [batch, n]
+  return jnp.concatenate([jnp.broadcast_to(frames, (tokens.shape[0], num_prefix)), times], axis=1)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, rotary_dims: int | None = None) -> jax.Array:
   """Rotates adjacent feature pairs (x[2i], x[2i+1]) by position * ROPE_BASE**(-2i/d).
 
   Args:
     x: `[batch, length, heads, head_dim]`, head_dim even.
-    positions: `[length]` rotary positions (shared by the batch).
+    positions: rotary positions, `[length]` (shared by the batch) or `[batch, length]`.
     rotary_dims: rotate only the first `rotary_dims` features (even; d = rotary_dims),
       passing the others through, as GPT-NeoX's partial rotary does. None: all of them.
 
@@ -99,9 +140,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, rotary_dims: int | None = Non
   if rotary_dims is not None and rotary_dims < head_dim:
     return jnp.concatenate([apply_rope(x[..., :rotary_dims], positions), x[..., rotary_dims:]], axis=-1)
   inv_freq = ROPE_BASE ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [head_dim/2]
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [length, head_dim/2]
-  cos = jnp.cos(angles)[:, None, :]  # [length, 1, head_dim/2]
-  sin = jnp.sin(angles)[:, None, :]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(batch,) length, head_dim/2]
+  cos = jnp.cos(angles)[..., None, :]  # [(batch,) length, 1, head_dim/2]
+  sin = jnp.sin(angles)[..., None, :]
   pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], head_dim // 2, 2)
   even, odd = pairs[..., 0], pairs[..., 1]  # [batch, length, heads, head_dim/2]
   rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
@@ -196,7 +237,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, rope_positions, memory=None):
-    """x `[batch, n, dim]`; positions/rope_positions `[n]`; memory `[batch, frames, dim]` or None."""
+    """x `[batch, n, dim]`; positions `[n]`; rope_positions `[n]` or `[batch, n]`;
+    memory `[batch, frames, dim]` or None."""
     dim = x.shape[-1]
     proj = functools.partial(
         nn.DenseGeneral, features=(self.num_heads, dim // self.num_heads), use_bias=False,
@@ -279,11 +321,17 @@ class Decoder(nn.Module):
     rope_fraction: share of each head's features that RoPE rotates (1: all, the paper's
       decoder). The others carry no position, so a note token's query can match the
       audio prefix (at rotary position 0) by content whatever its own position.
-    time_tokens: (first id, count, prefix frames per token) of the time tokens, or None.
-      Given (prefix conditioning only), time token i's embedding row and output-head
-      column start as the sinusoidal position code of the prefix frame it names
-      (frame i x frames per token), scaled by TIME_CODE_SCALE: naming a time and
-      attending to its frame start aligned instead of being learnt from scratch.
+    time_tokens: (first id, count, prefix frames per token) of the time tokens, or None;
+      needed by `time_init` and `rope_time`.
+    time_init: time token i's embedding row and output-head column start as the
+      sinusoidal position code of the prefix frame it names (frame i x frames per
+      token), scaled by TIME_CODE_SCALE: naming a time and attending to its frame
+      start aligned instead of being learnt from scratch (prefix conditioning).
+    rope_time: rotary positions are times in time-token steps, not sequence indices
+      (prefix conditioning): prefix frame f sits at f / (frames per token), each token
+      at the time its sequence has reached (`token_times`). A query then meets the
+      prefix at its offset in time from the notes written so far, the relation a
+      rotary head learns directly; tokens of one time share a position.
   """
   vocab_size: int
   num_layers: int
@@ -297,6 +345,8 @@ class Decoder(nn.Module):
   remat: bool = False
   rope_fraction: float = 1.0
   time_tokens: tuple | None = None
+  time_init: bool = False
+  rope_time: bool = False
 
   def _check(self):
     if self.conditioning not in CONDITIONINGS:
@@ -306,9 +356,12 @@ class Decoder(nn.Module):
                        "(RoPE rotates feature pairs)")
     if self.prefix_pool < 1:
       raise ValueError(f"Decoder.prefix_pool must be >= 1, got {self.prefix_pool}")
-    if self.time_tokens is not None and self.conditioning != "prefix":
-      raise ValueError("Decoder.time_tokens aligns time tokens with the prefix's position code: it needs "
-                       f"conditioning='prefix', got {self.conditioning!r}")
+    for option in ("time_init", "rope_time"):
+      if getattr(self, option) and self.time_tokens is None:
+        raise ValueError(f"Decoder.{option} needs Decoder.time_tokens (the time tokens' ids and frame rate)")
+      if getattr(self, option) and self.conditioning != "prefix":
+        raise ValueError(f"Decoder.{option} aligns time tokens with the audio prefix's frames: it needs "
+                         f"conditioning='prefix', got {self.conditioning!r}")
 
   @nn.compact
   def __call__(self, tokens, audio=None, *, decode=False):
@@ -336,7 +389,7 @@ class Decoder(nn.Module):
                        "raise config.data.max_tokens or crop the sequence")
     prefix = self.conditioning == "prefix"
     embed_init, head_init = nn.initializers.normal(0.02), nn.initializers.lecun_normal()
-    if self.time_tokens is not None:
+    if self.time_init:
       first, count, frames_per_token = self.time_tokens
       rows = range(first, first + count)
       codes = TIME_CODE_SCALE * sinusoids(jnp.arange(count) * frames_per_token, self.dim)  # [count, dim]
@@ -367,6 +420,14 @@ class Decoder(nn.Module):
     else:
       positions = jnp.arange(length)
       rope_positions = jnp.maximum(positions - num_prefix, 0)  # prefix frames at rotary position 0
+    if self.rope_time:
+      start = jnp.zeros(tokens.shape[:1], jnp.int32)
+      if decode:
+        reached = self.variable("cache", "time_reached", jnp.zeros, tokens.shape[:1], jnp.int32)
+        start = start if prefill else reached.value
+      rope_positions = time_positions(tokens, num_prefix, self.time_tokens, start)  # [batch, length]
+      if decode:
+        reached.value = rope_positions[:, -1].astype(jnp.int32)
     # Only needed when the cache is created, i.e. on the prefill; whole chunks for `attention.attend_cache`.
     cache_len = -(-(num_prefix + self.max_len) // attention.KEY_CHUNK) * attention.KEY_CHUNK if prefill else None
 

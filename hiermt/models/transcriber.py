@@ -105,15 +105,15 @@ def build_decoder(config) -> decoder_lib.Decoder:
   d = config.decoder
   if config.data.max_tokens <= 0:
     raise ValueError(f"config.data.max_tokens must be positive for stage {config.stage!r}")
-  time_tokens = None
-  if d.get("time_init", False):  # absent from the config.json of stages trained before it existed
-    frames_per_second = type(build_encoder(config)).FRAMES_PER_SECOND / d.prefix_pool
-    time_tokens = (vocabulary.TIME_OFFSET, vocabulary.NUM_TIMES, frames_per_second / notes.STEPS_PER_SECOND)
+  frames_per_second = type(build_encoder(config)).FRAMES_PER_SECOND / d.prefix_pool
+  time_tokens = (vocabulary.TIME_OFFSET, vocabulary.NUM_TIMES, frames_per_second / notes.STEPS_PER_SECOND)
+  # .get: options absent from the config.json of stages trained before they existed.
   return decoder_lib.Decoder(
       vocab_size=vocabulary.VOCAB_SIZE, num_layers=d.num_layers, num_heads=d.num_heads, dim=d.dim,
       max_len=config.data.max_tokens, conditioning=d.conditioning, prefix_pool=d.prefix_pool,
       dtype=compute_dtype(config), remat=config.train.remat, time_tokens=time_tokens,
-      rope_fraction=d.get("rope_fraction", 1.0))  # absent from config.json files saved before it existed
+      time_init=d.get("time_init", False), rope_time=d.get("rope_time", False),
+      rope_fraction=d.get("rope_fraction", 1.0))
 
 
 def compute_dtype(config) -> Any:
