@@ -88,7 +88,7 @@ def test_smoke_quickstart_end_to_end_and_resume(tmp_path):
 
 
 def test_stage_budgets_absorb_overruns():
-  shares = quickstart.PRESETS["cpu"].shares  # 0.5, 0.2, 0.075, 0.075, 0.15
+  shares = {"encoder": 0.5, "onset_pitch": 0.2, "velocity": 0.075, "offset": 0.075, "flatten": 0.15}
   assert quickstart.stage_seconds(shares, "encoder", 1000.0) == pytest.approx(500.0)
   # The encoder overran by 20 s: 480 s are left for the rest, split 0.2 : 0.075 : 0.075 : 0.15.
   assert quickstart.stage_seconds(shares, "onset_pitch", 480.0) == pytest.approx(480.0 * 0.4)
