@@ -138,7 +138,8 @@ def get_config(arg=None):
   # Share of each attention head's features that RoPE rotates (1.0: all, the paper's decoder).
   c.decoder.rope_fraction = 1.0
   # Rotary positions in time (prefix frames at their start, tokens at the latest time token)
-  # instead of sequence indices; prefix conditioning. False: the paper's positions.
+  # instead of sequence indices; prefix conditioning. False: the paper's positions. An
+  # ablation: on the CPU recipe it learnt faster for ~1000 steps, then fell behind (docs/design.md).
   c.decoder.rope_time = False
 
   # --- optimisation -------------------------------------------------------
