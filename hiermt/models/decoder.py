@@ -416,18 +416,20 @@ class Decoder(nn.Module):
       start = jnp.zeros((), jnp.int32) if prefill else index.value
       positions = start + jnp.arange(length)  # [length] cache slots
       index.value = start + length
-      rope_positions = jnp.maximum(positions - prefix_len.value, 0)
+      prefix_slots = prefix_len.value
     else:
       positions = jnp.arange(length)
-      rope_positions = jnp.maximum(positions - num_prefix, 0)  # prefix frames at rotary position 0
+      prefix_slots = num_prefix
     if self.rope_time:
-      start = jnp.zeros(tokens.shape[:1], jnp.int32)
+      time_start = jnp.zeros(tokens.shape[:1], jnp.int32)  # [batch]
       if decode:
         reached = self.variable("cache", "time_reached", jnp.zeros, tokens.shape[:1], jnp.int32)
-        start = start if prefill else reached.value
-      rope_positions = time_positions(tokens, num_prefix, self.time_tokens, start)  # [batch, length]
+        time_start = time_start if prefill else reached.value
+      rope_positions = time_positions(tokens, num_prefix, self.time_tokens, time_start)  # [batch, length]
       if decode:
         reached.value = rope_positions[:, -1].astype(jnp.int32)
+    else:
+      rope_positions = jnp.maximum(positions - prefix_slots, 0)  # [length]: prefix frames at rotary position 0
     # Only needed when the cache is created, i.e. on the prefill; whole chunks for `attention.attend_cache`.
     cache_len = -(-(num_prefix + self.max_len) // attention.KEY_CHUNK) * attention.KEY_CHUNK if prefill else None
 
