@@ -19,7 +19,11 @@ A small grammar (`allowed_tokens`) masks impossible tokens before the argmax:
 a time where a time must come and a pitch where a pitch must come; onset times
 never go backwards within a segment and notes of one onset come in rising
 pitch (so a sequence cannot repeat a note); `note_sustain` onsets only before
-the first timed onset (carried notes are listed first); offsets after their
+the first timed onset (carried notes are listed first), by rising pitch and
+only at pitches the caller says may still sound (`carriable`: none in a
+piece's first segment, the encoder's frame roll at the start of later ones;
+without it a model that opens every segment with carried notes writes nothing
+else, and stitching drops them); offsets after their
 onset (a carried note's offset at step >= 1); velocities 1..127; `<eos>` only
 between notes; pitches within the piano's 88 keys.
 
@@ -53,15 +57,17 @@ class GrammarState:
   current_onset: jax.Array  # onset step of the open group; SUSTAIN_STEP for note_sustain
   previous_onset: jax.Array  # onset step of the last timed note, -1 before the first
   previous_pitch: jax.Array  # pitch of the last timed note, -1 before the first
-  carried_pitch: jax.Array  # pitch of the last carried (note_sustain) note, -1 before the first
   timed: jax.Array  # bool: a timed onset has been written (no more note_sustain onsets)
+  carriable: jax.Array  # bool [batch, NUM_PITCHES]: pitches a further carried note may have
 
   @classmethod
-  def start(cls, batch: int) -> "GrammarState":
-    """The state before the first note group."""
+  def start(cls, batch: int, carriable=None) -> "GrammarState":
+    """The state before the first note group; `carriable` bool [batch, NUM_PITCHES] (default: all)."""
     minus_one = jnp.full((batch,), -1, jnp.int32)
-    return cls(jnp.zeros((batch,), jnp.int32), minus_one, minus_one, minus_one, minus_one,
-               jnp.zeros((batch,), bool))
+    if carriable is None:
+      carriable = jnp.ones((batch, vocab.NUM_PITCHES), bool)
+    return cls(jnp.zeros((batch,), jnp.int32), minus_one, minus_one, minus_one,
+               jnp.zeros((batch,), bool), jnp.asarray(carriable, bool))
 
 
 _IDS = np.arange(vocab.VOCAB_SIZE)
@@ -75,6 +81,11 @@ _IS_SUSTAIN = _IDS == vocab.NOTE_SUSTAIN
 _IS_EOS = _IDS == vocab.EOS
 
 
+def _pitch_ids(pitches: jax.Array) -> jax.Array:
+  """bool [batch, NUM_PITCHES] over MIDI pitches -> bool [batch, vocab] over token ids."""
+  return jnp.pad(pitches, ((0, 0), (vocab.PITCH_OFFSET, vocab.VOCAB_SIZE - vocab.PITCH_OFFSET - vocab.NUM_PITCHES)))
+
+
 def _field_mask(stage: str, field: str, state: GrammarState) -> jax.Array:
   """bool [batch, vocab]: ids allowed in a slot holding `field`, given each row's state."""
   step, pitch = jnp.asarray(_STEP)[None], jnp.asarray(_PITCH)[None]  # [1, vocab]
@@ -85,14 +96,15 @@ def _field_mask(stage: str, field: str, state: GrammarState) -> jax.Array:
     first = jnp.where(state.previous_pitch >= HIGHEST_PIANO_PITCH, state.previous_onset + 1,
                       jnp.maximum(state.previous_onset, 0))
     timed = jnp.asarray(_IS_TIME)[None] & (step >= col(first)) & (step <= LAST_ONSET_STEP)
-    carried = jnp.asarray(_IS_SUSTAIN)[None] & col(~state.timed) if sustain_ok else False
+    can_carry = ~state.timed & jnp.any(_pitch_ids(state.carriable) & jnp.asarray(_IS_PIANO_PITCH)[None], axis=1)
+    carried = jnp.asarray(_IS_SUSTAIN)[None] & col(can_carry) if sustain_ok else False
     return timed | carried | jnp.asarray(_IS_EOS)[None]
   if field == "pitch":
     carried = col(state.current_onset == vocab.SUSTAIN_STEP)
     same_onset = col(state.current_onset == state.previous_onset)
-    lowest = jnp.where(carried, col(state.carried_pitch),
-                       jnp.where(same_onset, col(state.previous_pitch) + 1, 0))
-    return jnp.asarray(_IS_PIANO_PITCH)[None] & (pitch >= lowest)
+    lowest = jnp.where(same_onset, col(state.previous_pitch) + 1, 0)
+    timed_ok = pitch >= lowest
+    return jnp.asarray(_IS_PIANO_PITCH)[None] & jnp.where(carried, _pitch_ids(state.carriable), timed_ok)
   if field == "offset":
     # A carried note still sounding at the segment start ended no earlier than step 1.
     first = jnp.where(state.current_onset == vocab.SUSTAIN_STEP, 1, state.current_onset + 1)
@@ -123,8 +135,10 @@ def advance(stage: str, state: GrammarState, token: jax.Array) -> GrammarState:
       current_onset=current_onset,
       previous_onset=jnp.where(is_pitch & ~carried, state.current_onset, state.previous_onset),
       previous_pitch=jnp.where(is_pitch & ~carried, pitch, state.previous_pitch),
-      carried_pitch=jnp.where(is_pitch & carried, pitch, state.carried_pitch),
       timed=state.timed | (is_onset & (token != vocab.NOTE_SUSTAIN) & (token != vocab.EOS)),
+      # Carried notes come by rising pitch, one per pitch.
+      carriable=jnp.where((is_pitch & carried)[:, None],
+                          state.carriable & (jnp.arange(vocab.NUM_PITCHES)[None] > pitch[:, None]), state.carriable),
   )
 
 
@@ -160,7 +174,7 @@ def _decode_call(model, params, cache, tokens, features=None):
   return logits, mutated["cache"]
 
 
-def free_run(model, stage: str, max_len: int, params, features, stop_at_eos: bool = True):
+def free_run(model, stage: str, max_len: int, params, features, carriable=None, stop_at_eos: bool = True):
   """Free greedy decoding of a batch of segments (`onset_pitch` or `flatten`).
 
   Args:
@@ -169,6 +183,8 @@ def free_run(model, stage: str, max_len: int, params, features, stop_at_eos: boo
     max_len: tokens per sequence, `<sos> <task>` and `<eos>` included (> 2).
     params: the stage's parameters.
     features: encoder features [batch, frames, d_enc].
+    carriable: bool [batch, NUM_PITCHES], the pitches each segment may list as carried in
+      (`flatten`); None: any.
     stop_at_eos: False masks `<eos>`, so every row writes exactly `max_len`
       tokens: benchmarks use it to time a chosen token count with untrained weights.
 
@@ -203,7 +219,8 @@ def free_run(model, stage: str, max_len: int, params, features, stop_at_eos: boo
     return position + 1, tokens, cache, state, done
 
   logits, cache = _decode_call(model, params, model.init_cache(features), prompt, features)
-  tokens, state, done = write(2, logits[:, -1], tokens, GrammarState.start(batch), jnp.zeros((batch,), bool))
+  state = GrammarState.start(batch, carriable)
+  tokens, state, done = write(2, logits[:, -1], tokens, state, jnp.zeros((batch,), bool))
   return jax.lax.while_loop(cond, body, (jnp.asarray(2, jnp.int32), tokens, cache, state, done))[1]
 
 
@@ -252,7 +269,7 @@ def forced_run(model, stage: str, params, features, on_tokens, pitch_tokens, num
 # The official strategy (reference and benchmark baseline)
 # ----------------------------------------------------------------------------
 def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pitch_tokens=None,
-                    num_notes=None, stop_at_eos: bool = True):
+                    num_notes=None, stop_at_eos: bool = True, carriable=None):
   """Greedy decoding by full recompute: one segment at a time, every step re-runs the whole sequence.
 
   Same arguments and results as `free_run` / `forced_run` (numpy in, numpy
@@ -265,7 +282,7 @@ def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pit
     out = np.full((features.shape[0], max_len), vocab.PAD, np.int32)
     for b in range(features.shape[0]):
       sequence = [vocab.SOS, vocab.TASK_IDS[stage]]
-      state = GrammarState.start(1)
+      state = GrammarState.start(1, None if carriable is None else carriable[b:b + 1])
       while len(sequence) < max_len:
         logits = forward(params, jnp.asarray([sequence], jnp.int32), features[b:b + 1])
         token = _pick(logits, _free_allowed(stage, state, stop_at_eos))
@@ -318,8 +335,8 @@ def weights_in_compute_dtype(model, params):
 def jitted(model, stage: str, max_len: int, stop_at_eos: bool = True):
   """The stage's cached decoding loop, jitted (one compilation per input shape).
 
-  Returns `fn(params, features) -> tokens` for free stages (see `free_run` for
-  `stop_at_eos`) and `fn(params, features, on_tokens, pitch_tokens, num_notes)
+  Returns `fn(params, features[, carriable]) -> tokens` for free stages (see
+  `free_run` for `carriable` and `stop_at_eos`) and `fn(params, features, on_tokens, pitch_tokens, num_notes)
   -> answers` for forced ones. The weights are cast to the model's compute
   dtype once per call, before the loop (`weights_in_compute_dtype`).
   """

@@ -56,6 +56,7 @@ from hiermt import notes as notes_lib
 from hiermt import roll_notes
 from hiermt import stitch
 from hiermt import vocabulary as vocab
+from hiermt.data import rolls
 from hiermt.models import transcriber
 
 LAYOUTS = {"hierarchy": ("onset_pitch", "velocity", "offset"), "flatten": ("flatten",), "roll": ("encoder",)}
@@ -182,9 +183,10 @@ class StageModel:
       out = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], batch - rows, axis=0)]), out)
     return out
 
-  def free(self, features, rows):
-    """Free decoding (onset_pitch, flatten) of the first `rows` of `features`: int32 [rows, max_len] tokens."""
-    return np.asarray(self._decode(self.variables["params"], features))[:rows]
+  def free(self, features, rows, carriable=None):
+    """Free decoding (onset_pitch, flatten) of the first `rows` of `features`: int32 [rows, max_len] tokens.
+    `carriable`: bool [batch, NUM_PITCHES], the pitches each row may list as carried in (`decode.free_run`)."""
+    return np.asarray(self._decode(self.variables["params"], features, carriable))[:rows]
 
   @property
   def max_notes(self):
@@ -397,7 +399,7 @@ class NoteTranscriber:
     with the carried-in lists guessed from the offset stage's frame roll `out`."""
     rows = len(ks)
     frame = np.asarray(out["frame"][:rows, :2].mean(axis=1))  # [rows, 88] roll at each segment start
-    guesses = {k: stitch.guess_carried(table, k, 21 + np.flatnonzero(frame[k - start] >= _SOUNDING_THRESHOLD))
+    guesses = {k: stitch.guess_carried(table, k, rolls.MIN_PITCH + np.flatnonzero(frame[k - start] >= _SOUNDING_THRESHOLD))
                for k in ks}
     features = out["features"]
 
@@ -414,7 +416,8 @@ class NoteTranscriber:
     tokens = []
     for start, stop in self._chunks(len(segments)):
       chunk, rows = segments[start:stop], stop - start
-      tokens += list(stage.free(stage.encode(chunk, self._batch(rows))["features"], rows))
+      out = stage.encode(chunk, self._batch(rows))
+      tokens += list(stage.free(out["features"], rows, _sounding_at_start(out["frame"], start)))
       bars["flatten"].update(rows)
     return stitch.clip_to_duration(vocab.decode_piece(tokens, "flatten"), duration)
 
@@ -459,6 +462,18 @@ class NoteTranscriber:
       if bar is not None:
         bar.update(stop - start)
     return {k: np.concatenate(v) for k, v in rolls.items()}
+
+
+def _sounding_at_start(frame, first_segment):
+  """bool [batch, NUM_PITCHES]: the pitches whose frame roll `frame` [batch, frames, 88] is on at the
+  start of each segment, none in a piece's first segment (segment `first_segment` is row 0):
+  the notes a segment may list as carried in."""
+  sounding = np.asarray(frame[:, :2].mean(axis=1)) >= _SOUNDING_THRESHOLD  # [batch, 88]
+  if first_segment == 0:
+    sounding[0] = False  # nothing sounds before the audio starts
+  carriable = np.zeros((len(sounding), vocab.NUM_PITCHES), bool)
+  carriable[:, rolls.MIN_PITCH:rolls.MIN_PITCH + rolls.NUM_KEYS] = sounding
+  return carriable
 
 
 def _same_encoder(a: StageModel, b: StageModel) -> bool:

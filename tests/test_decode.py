@@ -61,6 +61,23 @@ def test_free_run_equals_full_recompute(stage, conditioning):
     _check_grammar(stage, row)
 
 
+def test_flatten_carries_only_the_pitches_allowed():
+  # Row 0 is a piece's first segment (nothing carried), row 1 may carry C4 and E4, row 2 anything.
+  model, params, features = _model("flatten", "prefix")
+  carriable = np.zeros((3, vocab.NUM_PITCHES), bool)
+  carriable[1, [60, 64]] = True
+  carriable[2] = True
+  cached = np.asarray(decode.jitted(model, "flatten", MAX_LEN)(params, features, carriable))
+  reference = decode.decode_uncached(model, "flatten", MAX_LEN, params, features, carriable=carriable)
+  np.testing.assert_array_equal(cached, reference)
+  for row, allowed in zip(cached, carriable):
+    _check_grammar("flatten", row)
+    decoded = vocab.decode_segment(row, "flatten")
+    carried = decoded["pitch"][decoded["onset"] == vocab.SUSTAIN_STEP]
+    assert np.all(allowed[carried]) and np.all(np.diff(carried) > 0)
+  assert not np.any(vocab.decode_segment(cached[0], "flatten")["onset"] == vocab.SUSTAIN_STEP)
+
+
 def test_banning_eos_fills_every_row_in_both_strategies():
   model, params, features = _model("onset_pitch", "cross")
   max_len = 12
@@ -123,9 +140,11 @@ def test_bfloat16_decoding_casts_the_weights_once_and_equals_its_full_recompute(
       _check_grammar(stage, row)
 
 
-def _allowed(stage, tokens):
-  """The grammar's allowed ids after writing `tokens` (one row)."""
-  state = decode.GrammarState.start(1)
+def _allowed(stage, tokens, carriable=None):
+  """The grammar's allowed ids after writing `tokens` (one row); `carriable`: MIDI pitches, or None (all)."""
+  if carriable is not None:
+    carriable = np.isin(np.arange(vocab.NUM_PITCHES), carriable)[None]
+  state = decode.GrammarState.start(1, carriable)
   for t in tokens:
     state = decode.advance(stage, state, jnp.asarray([t], jnp.int32))
   return np.asarray(decode.allowed_tokens(stage, state)[0])
@@ -152,7 +171,22 @@ def test_grammar_pitch_slot_rises_within_one_onset():
   assert later[p(21)] and later[p(108)] and not later[p(20)] and not later[p(109)]
   carried = _allowed("flatten", [vocab.NOTE_SUSTAIN, p(64), vocab.NOTE_SUSTAIN, vocab.velocity_id(9),
                                  vocab.NOTE_SUSTAIN])
-  assert carried[p(64)] and not carried[p(63)]  # carried notes by rising pitch
+  assert carried[p(65)] and not carried[p(64)]  # carried notes by rising pitch, one per pitch
+
+
+def test_grammar_carries_only_carriable_pitches():
+  p, s = vocab.pitch_id, vocab.NOTE_SUSTAIN
+  assert not _allowed("flatten", [], carriable=[])[s]  # a piece's first segment
+  start = _allowed("flatten", [], carriable=[60, 64])
+  assert start[s] and start[vocab.time_id(0)]
+  first = _allowed("flatten", [s], carriable=[60, 64])
+  assert np.flatnonzero(first).tolist() == [p(60), p(64)]
+  after_60 = [s, p(60), vocab.time_id(40), vocab.velocity_id(9)]
+  assert _allowed("flatten", after_60, carriable=[60, 64])[s]
+  assert np.flatnonzero(_allowed("flatten", after_60 + [s], carriable=[60, 64])).tolist() == [p(64)]
+  after_64 = [s, p(64), vocab.time_id(40), vocab.velocity_id(9)]
+  assert not _allowed("flatten", after_64, carriable=[60, 64])[s]  # nothing above 64 is left
+  assert not _allowed("flatten", [], carriable=[10, 120])[s]  # off the keyboard
 
 
 def test_grammar_offset_and_velocity_slots():
