@@ -258,8 +258,8 @@ def main(argv):
   print(f"quickstart: {args.minutes:g} min budget, encoder {args.encoder}, preset {args.preset}, "
         f"workdir {workdir}", flush=True)
   if not args.data_dir:
-    corpus = [python, "-m", "hiermt.data.synth", f"--output_dir={data_dir}",
-              f"--minutes={preset.corpus_minutes:g}"]
+    minutes = preset.corpus_minutes if args.corpus_minutes is None else args.corpus_minutes
+    corpus = [python, "-m", "hiermt.data.synth", f"--output_dir={data_dir}", f"--minutes={minutes:g}"]
     _show(corpus)
     subprocess.run(corpus, check=True)
 
@@ -307,6 +307,8 @@ def _define_flags():
                     "Roll-based encoder to pretrain (HPPNet learns fastest at CPU sizes).")
   flags.DEFINE_enum("preset", "cpu", list(PRESETS), "cpu: the CPU recipe; gpu: published sizes for one GPU; smoke: runlocal configs (CI).")
   flags.DEFINE_string("data_dir", "", "An existing MAESTRO-layout corpus to use instead of rendering one.")
+  flags.DEFINE_float("corpus_minutes", None, "Minutes of audio to render for the corpus (default: the preset's; "
+                     "rendering comes out of the --minutes budget).", lower_bound=1.0)
 
 
 if __name__ == "__main__":

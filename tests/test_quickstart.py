@@ -69,7 +69,8 @@ def test_smoke_quickstart_end_to_end_and_resume(tmp_path):
   """The chain CI runs: corpus, five stages, evaluation of both corpora, the table; a re-run resumes."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
              HIERMT_TCMALLOC="0")
-  cmd = [sys.executable, "-m", "hiermt.quickstart", "--preset=smoke", f"--workdir={tmp_path}", "--minutes=30"]
+  cmd = [sys.executable, "-m", "hiermt.quickstart", "--preset=smoke", f"--workdir={tmp_path}", "--minutes=30",
+         "--corpus_minutes=2.5"]
   first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   table = (tmp_path / "results.txt").read_text().splitlines()
@@ -85,6 +86,7 @@ def test_smoke_quickstart_end_to_end_and_resume(tmp_path):
   assert second.stdout.count("already trained") == 5
   commands = [line for line in second.stdout.splitlines() if line.startswith("$ ")]
   assert len(commands) == 1 and "hiermt.data.synth" in commands[0]  # only the (up-to-date) corpus check
+  assert "--minutes=2.5" in commands[0]  # --corpus_minutes, not the preset's 3
 
 
 def test_stage_budgets_absorb_overruns():
