@@ -51,7 +51,8 @@ class _KnownStage:
     return {"features": np.zeros((rows, 1, 1), np.float32),
             "frame": np.zeros((rows, 1000, 88), np.float32)}  # no pitch sounding: guess nothing carried
 
-  def free(self, features, rows):
+  def free(self, features, rows, carriable=None):
+    self.carriable = carriable
     return self._free_tokens[None][:rows]
 
   def forced(self, features, queries, table):
@@ -99,6 +100,7 @@ def test_flatten_scores_whole_notes():
   known = _KnownStage(free_tokens=vocab.encode_segment(decoded, 0.0, "flatten")[0])
   assert _scores("flatten", known) == {"onset_f1": pytest.approx(0.75), "onset_offset_f1": pytest.approx(0.5),
                                        "onset_offset_velocity_f1": pytest.approx(0.5)}
+  assert known.carriable.shape == (1, vocab.NUM_PITCHES) and not known.carriable.any()  # one segment: the first
 
 
 def test_decoded_notes_the_reference_lacks_get_placeholders():
