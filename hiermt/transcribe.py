@@ -56,7 +56,7 @@ from hiermt import notes as notes_lib
 from hiermt import roll_notes
 from hiermt import stitch
 from hiermt import vocabulary as vocab
-from hiermt.data import rolls
+from hiermt.data import rolls as rolls_lib
 from hiermt.models import transcriber
 
 LAYOUTS = {"hierarchy": ("onset_pitch", "velocity", "offset"), "flatten": ("flatten",), "roll": ("encoder",)}
@@ -397,10 +397,8 @@ class NoteTranscriber:
   def _offset_chain(self, offset, out, table, start, ks, carried):
     """Stage 3 of one chunk (segments `ks`, the first carrying in `carried`): `stitch.chain_offsets`
     with the carried-in lists guessed from the offset stage's frame roll `out`."""
-    rows = len(ks)
-    frame = np.asarray(out["frame"][:rows, :2].mean(axis=1))  # [rows, 88] roll at each segment start
-    guesses = {k: stitch.guess_carried(table, k, rolls.MIN_PITCH + np.flatnonzero(frame[k - start] >= _SOUNDING_THRESHOLD))
-               for k in ks}
+    sounding = _sounding_at_start(out["frame"])  # [batch, NUM_PITCHES]
+    guesses = {k: stitch.guess_carried(table, k, np.flatnonzero(sounding[k - start])) for k in ks}
     features = out["features"]
 
     def decode_rows(queries):
@@ -417,7 +415,10 @@ class NoteTranscriber:
     for start, stop in self._chunks(len(segments)):
       chunk, rows = segments[start:stop], stop - start
       out = stage.encode(chunk, self._batch(rows))
-      tokens += list(stage.free(out["features"], rows, _sounding_at_start(out["frame"], start)))
+      carriable = _sounding_at_start(out["frame"])  # [batch, NUM_PITCHES]
+      if start == 0:
+        carriable[0] = False  # a piece's first segment: nothing sounds before the audio starts
+      tokens += list(stage.free(out["features"], rows, carriable))
       bars["flatten"].update(rows)
     return stitch.clip_to_duration(vocab.decode_piece(tokens, "flatten"), duration)
 
@@ -464,16 +465,13 @@ class NoteTranscriber:
     return {k: np.concatenate(v) for k, v in rolls.items()}
 
 
-def _sounding_at_start(frame, first_segment):
-  """bool [batch, NUM_PITCHES]: the pitches whose frame roll `frame` [batch, frames, 88] is on at the
-  start of each segment, none in a piece's first segment (segment `first_segment` is row 0):
-  the notes a segment may list as carried in."""
-  sounding = np.asarray(frame[:, :2].mean(axis=1)) >= _SOUNDING_THRESHOLD  # [batch, 88]
-  if first_segment == 0:
-    sounding[0] = False  # nothing sounds before the audio starts
-  carriable = np.zeros((len(sounding), vocab.NUM_PITCHES), bool)
-  carriable[:, rolls.MIN_PITCH:rolls.MIN_PITCH + rolls.NUM_KEYS] = sounding
-  return carriable
+def _sounding_at_start(frame):
+  """bool [batch, NUM_PITCHES] over MIDI pitches: where the frame roll `frame` [batch, frames, 88]
+  (mean of each segment's first two frames) is on: the notes a segment may have carried in."""
+  keys = np.asarray(frame[:, :2].mean(axis=1)) >= _SOUNDING_THRESHOLD  # [batch, 88]
+  sounding = np.zeros((len(keys), vocab.NUM_PITCHES), bool)
+  sounding[:, rolls_lib.MIN_PITCH:rolls_lib.MIN_PITCH + rolls_lib.NUM_KEYS] = keys
+  return sounding
 
 
 def _same_encoder(a: StageModel, b: StageModel) -> bool:

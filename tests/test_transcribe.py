@@ -271,16 +271,13 @@ def test_encoder_runs_on_power_of_two_pieces_of_the_real_rows(encoder_workdir, m
 
 
 def test_segments_carry_only_the_pitches_sounding_at_their_start():
-  # Rows are segments 3 and 4 of a piece (frame roll [2 rows, 5 frames, 88 keys]); C4 (column 39)
-  # is on in row 0's first two frames on average, E4 in row 1's; A0 only in a later frame.
+  # Frame roll [2 segments, 5 frames, 88 keys]: C4 (column 39) is on in row 0's first two frames on
+  # average, E4 in row 1's; A0 only in a later frame.
   frame = np.zeros((2, 5, 88), np.float32)
   frame[0, :2, 39] = [0.4, 0.7]  # mean 0.55
   frame[1, :2, 43] = 0.9
   frame[1, :2, 39] = [0.9, 0.0]  # mean 0.45: off
   frame[:, 3, 0] = 1.0
-  carriable = transcribe._sounding_at_start(frame, first_segment=3)
-  assert carriable.shape == (2, vocab.NUM_PITCHES)
-  assert [np.flatnonzero(row).tolist() for row in carriable] == [[60], [64]]
-  # A piece's first segment carries nothing, whatever its roll shows.
-  first = transcribe._sounding_at_start(frame, first_segment=0)
-  assert [np.flatnonzero(row).tolist() for row in first] == [[], [64]]
+  sounding = transcribe._sounding_at_start(frame)
+  assert sounding.shape == (2, vocab.NUM_PITCHES)
+  assert [np.flatnonzero(row).tolist() for row in sounding] == [[60], [64]]

@@ -42,14 +42,16 @@ AUDIO = np.zeros(vocab.SEGMENT_STEPS * 160, np.float32)  # one 10 s segment at 1
 class _KnownStage:
   """Stands in for a trained `transcribe.StageModel`: its decoder "writes" fixed tokens or answers."""
 
-  def __init__(self, free_tokens=None, answer=None):
+  def __init__(self, free_tokens=None, answer=None, sounding=()):
     self._free_tokens = free_tokens  # int32 [tokens] of the one segment
     self._answer = answer  # (table, note ids of a segment) -> answer token ids
+    self._sounding = list(sounding)  # frame-roll columns on from the segment's start
 
   def encode(self, segments, batch=None):
     rows = len(segments) if batch is None else batch
-    return {"features": np.zeros((rows, 1, 1), np.float32),
-            "frame": np.zeros((rows, 1000, 88), np.float32)}  # no pitch sounding: guess nothing carried
+    frame = np.zeros((rows, 1000, 88), np.float32)  # by default no pitch sounding: guess nothing carried
+    frame[:, :, self._sounding] = 1.0
+    return {"features": np.zeros((rows, 1, 1), np.float32), "frame": frame}
 
   def free(self, features, rows, carriable=None):
     self.carriable = carriable
@@ -97,7 +99,8 @@ def test_flatten_scores_whole_notes():
   # Three right onsets, one of them ending 2 s late, and a wrong pitch: On 3/4, On-Off 2/4; the two
   # On-Off matches have their reference velocities, which any fit maps exactly: On-Off-Vel 2/4.
   decoded = _notes([(1.0, 2.0, 60, 40), (2.0, 3.0, 62, 40), (3.0, 6.0, 64, 100), (4.0, 5.0, 67, 100)])
-  known = _KnownStage(free_tokens=vocab.encode_segment(decoded, 0.0, "flatten")[0])
+  # C4's frame roll is on from the start, yet a piece's first segment carries nothing in.
+  known = _KnownStage(free_tokens=vocab.encode_segment(decoded, 0.0, "flatten")[0], sounding=[39])
   assert _scores("flatten", known) == {"onset_f1": pytest.approx(0.75), "onset_offset_f1": pytest.approx(0.5),
                                        "onset_offset_velocity_f1": pytest.approx(0.5)}
   assert known.carriable.shape == (1, vocab.NUM_PITCHES) and not known.carriable.any()  # one segment: the first
