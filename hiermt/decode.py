@@ -96,7 +96,7 @@ def _field_mask(stage: str, field: str, state: GrammarState) -> jax.Array:
     first = jnp.where(state.previous_pitch >= HIGHEST_PIANO_PITCH, state.previous_onset + 1,
                       jnp.maximum(state.previous_onset, 0))
     timed = jnp.asarray(_IS_TIME)[None] & (step >= col(first)) & (step <= LAST_ONSET_STEP)
-    can_carry = ~state.timed & jnp.any(_pitch_ids(state.carriable) & jnp.asarray(_IS_PIANO_PITCH)[None], axis=1)
+    can_carry = ~state.timed & jnp.any(state.carriable[:, LOWEST_PIANO_PITCH:HIGHEST_PIANO_PITCH + 1], axis=1)
     carried = jnp.asarray(_IS_SUSTAIN)[None] & col(can_carry) if sustain_ok else False
     return timed | carried | jnp.asarray(_IS_EOS)[None]
   if field == "pitch":
