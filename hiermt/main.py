@@ -130,6 +130,26 @@ def _where_and_next(config, workdir):
   return lines + [f"  {c}" for c in commands]
 
 
+def _train(config, workdir):
+  """`train.run`, exiting with the requeue status when preempted and with one line when an
+  earlier stage is untrained or the corpus is missing.
+
+  Those errors are hiermt's own FileNotFoundErrors, raised with a message that says what
+  to do and no file name; one the system raises (`filename` set, e.g. a file vanishing
+  mid-run) keeps its traceback.
+  """
+  try:
+    train.run(config, workdir)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
+  except FileNotFoundError as e:
+    if e.filename is not None:
+      raise
+    print(f"hiermt.main: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -137,14 +157,7 @@ def main(argv):
   logging.info("host allocator: %s", "tcmalloc" if allocator.tcmalloc_loaded() else
                f"system (install libtcmalloc-minimal4 for faster CPU steps, or {allocator.ENV_SWITCH}=0 is set)")
   config = _CONFIG.value
-  try:
-    train.run(config, _WORKDIR.value)
-  except train.Preempted as e:
-    logging.warning("%s", e)
-    sys.exit(train.PREEMPTED_EXIT_CODE)
-  except FileNotFoundError as e:  # an earlier stage is untrained or the data is missing: the message says what to do
-    print(f"hiermt.main: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  _train(config, _WORKDIR.value)
   lines = _where_and_next(config, _WORKDIR.value)
   if jax.process_index() == 0:
     print("\n".join(lines), flush=True)

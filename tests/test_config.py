@@ -72,3 +72,23 @@ def test_cli_names_the_untrained_encoder_in_one_line(tmp_path):
                     "(python -m hiermt.main --config=configs/base.py:encoder --workdir=WORKDIR), point "
                     "--config.init_from at a stage directory that has one, or set --config.init_from=none "
                     "to start the encoder from scratch"], proc.stderr[-2000:]
+
+
+def test_only_hiermts_own_missing_file_errors_become_one_line(monkeypatch, capsys):
+  from hiermt import main as main_lib
+  from hiermt import train
+
+  def fail_with(error):
+    def run(config, workdir):
+      raise error
+    monkeypatch.setattr(train, "run", run)
+
+  fail_with(FileNotFoundError("no checkpoint in /w/encoder. Pretrain the encoder first"))
+  with pytest.raises(SystemExit) as exit_info:
+    main_lib._train(None, "/w")
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == "hiermt.main: no checkpoint in /w/encoder. Pretrain the encoder first\n"
+  # A file vanishing mid-run (the system's error, naming the file) keeps its traceback.
+  fail_with(FileNotFoundError(2, "No such file or directory", "/w/onset_pitch/metrics.jsonl"))
+  with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    main_lib._train(None, "/w")
