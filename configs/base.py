@@ -142,6 +142,13 @@ def get_config(arg=None):
   # ablation: on the CPU recipe it learnt faster for ~1000 steps, then fell behind (docs/design.md).
   c.decoder.rope_time = False
 
+  # --- decoding -----------------------------------------------------------
+  c.decode = ml_collections.ConfigDict()
+  # onset_pitch (hierarchy): leave out notes whose pitch token had a lower probability among the
+  # tokens the grammar allowed (hiermt.decode.drop_unsure_notes). 0: keep every note (the paper's
+  # greedy decoding). transcribe/evaluate --min_pitch_prob override it.
+  c.decode.min_pitch_prob = 0.0
+
   # --- optimisation -------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 12 if stage == "encoder" else batch  # global batch

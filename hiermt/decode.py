@@ -27,6 +27,10 @@ else, and stitching drops them); offsets after their
 onset (a carried note's offset at step >= 1); velocities 1..127; `<eos>` only
 between notes; pitches within the piano's 88 keys.
 
+Free decoding also returns each written token's probability among the tokens
+the grammar allowed; `drop_unsure_notes` uses it to leave out stage-1 notes
+whose pitch the model was unsure of (`decode.min_pitch_prob` in the config).
+
 `decode_uncached` is the official code's strategy — full recompute of the
 sequence for every token, one forward pass per note in stages 2-3 — with the
 same grammar: tests check that it writes exactly the tokens of the cached
@@ -147,6 +151,39 @@ def _pick(logits: jax.Array, allowed: jax.Array) -> jax.Array:
   return jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(jnp.int32)
 
 
+def _pick_with_prob(logits: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`_pick`, and the chosen id's probability under the softmax over the allowed ids: float32 [batch]."""
+  masked = jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf)  # [batch, vocab]
+  token = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+  log_prob = jnp.take_along_axis(masked, token[:, None], axis=1)[:, 0] - jax.nn.logsumexp(masked, axis=-1)
+  return token, jnp.exp(log_prob)
+
+
+def drop_unsure_notes(tokens, probs, min_pitch_prob: float):
+  """onset_pitch tokens without the notes whose pitch the model was unsure of.
+
+  Greedy decoding can write a note at every onset time it finds, pitch after
+  pitch (the grammar only asks notes of one onset to rise in pitch); the wrong
+  ones tend to be the unlikely ones. A note whose pitch token had probability
+  below `min_pitch_prob` (`free_run`'s probabilities) has its time and pitch
+  tokens replaced by PAD, which `vocabulary.decode_segment` skips.
+
+  Args:
+    tokens: int [batch, length] onset_pitch sequences as `free_run` writes them.
+    probs: float [batch, length], each token's probability.
+    min_pitch_prob: 0 keeps every note.
+
+  Returns:
+    int32 [batch, length] numpy.
+  """
+  tokens, probs = np.asarray(tokens), np.asarray(probs)
+  is_pitch = (tokens >= vocab.PITCH_OFFSET) & (tokens < vocab.PITCH_OFFSET + vocab.NUM_PITCHES)
+  unsure = is_pitch & (probs < min_pitch_prob)  # [batch, length]
+  drop = unsure.copy()
+  drop[:, :-1] |= unsure[:, 1:]  # the note's time token, just before its pitch
+  return np.where(drop, vocab.PAD, tokens).astype(np.int32)
+
+
 def _free_allowed(stage: str, state: GrammarState, stop_at_eos: bool) -> jax.Array:
   """bool [batch, vocab]: the grammar of a free stage, with `<eos>` banned unless `stop_at_eos`."""
   allowed = allowed_tokens(stage, state)
@@ -189,8 +226,10 @@ def free_run(model, stage: str, max_len: int, params, features, carriable=None, 
       tokens: benchmarks use it to time a chosen token count with untrained weights.
 
   Returns:
-    tokens int32 [batch, max_len]: `<sos> <task> ... <eos>` then PAD; a row
-    without `<eos>` ran out of room (truncated).
+    (tokens, probs): tokens int32 [batch, max_len], `<sos> <task> ... <eos>`
+    then PAD (a row without `<eos>` ran out of room: truncated); probs float32
+    [batch, max_len], each written token's probability among the ids the
+    grammar allowed (0 for the prompt and PAD).
   """
   if stage not in FREE_STAGES:
     raise ValueError(f"free_run decodes {FREE_STAGES}, not {stage!r}")
@@ -198,13 +237,16 @@ def free_run(model, stage: str, max_len: int, params, features, carriable=None, 
     raise ValueError(f"max_len={max_len} leaves no room for a token after <sos> <task>")
   batch = features.shape[0]
   prompt = _prompt(stage, batch)
-  tokens = jnp.full((batch, max_len), vocab.PAD, jnp.int32).at[:, :2].set(prompt)
+  written = (jnp.full((batch, max_len), vocab.PAD, jnp.int32).at[:, :2].set(prompt),  # tokens
+             jnp.zeros((batch, max_len), jnp.float32))  # their probabilities
 
-  def write(position, logits, tokens, state, done):
+  def write(position, logits, written, state, done):
     """Picks every row's token at `position` (PAD once a row is done) from the previous token's logits."""
-    token = jnp.where(done, vocab.PAD, _pick(logits, _free_allowed(stage, state, stop_at_eos)))  # [batch]
-    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, position))
-    return tokens, advance(stage, state, token), done | (token == vocab.EOS)
+    token, prob = _pick_with_prob(logits, _free_allowed(stage, state, stop_at_eos))  # [batch]
+    token, prob = jnp.where(done, vocab.PAD, token), jnp.where(done, 0.0, prob)
+    written = tuple(jax.lax.dynamic_update_slice(x, y[:, None], (0, position))
+                    for x, y in zip(written, (token, prob)))
+    return written, advance(stage, state, token), done | (token == vocab.EOS)
 
   def cond(carry):
     position, _, _, _, done = carry
@@ -212,16 +254,16 @@ def free_run(model, stage: str, max_len: int, params, features, carriable=None, 
 
   def body(carry):
     # The token written last goes in, the one after it comes out: no call is spent on the final token.
-    position, tokens, cache, state, done = carry
-    last = jax.lax.dynamic_slice_in_dim(tokens, position, 1, axis=1)  # [batch, 1]
+    position, written, cache, state, done = carry
+    last = jax.lax.dynamic_slice_in_dim(written[0], position, 1, axis=1)  # [batch, 1]
     logits, cache = _decode_call(model, params, cache, last)
-    tokens, state, done = write(position + 1, logits[:, -1], tokens, state, done)
-    return position + 1, tokens, cache, state, done
+    written, state, done = write(position + 1, logits[:, -1], written, state, done)
+    return position + 1, written, cache, state, done
 
   logits, cache = _decode_call(model, params, model.init_cache(features), prompt, features)
   state = GrammarState.start(batch, carriable)
-  tokens, state, done = write(2, logits[:, -1], tokens, state, jnp.zeros((batch,), bool))
-  return jax.lax.while_loop(cond, body, (jnp.asarray(2, jnp.int32), tokens, cache, state, done))[1]
+  written, state, done = write(2, logits[:, -1], written, state, jnp.zeros((batch,), bool))
+  return jax.lax.while_loop(cond, body, (jnp.asarray(2, jnp.int32), written, cache, state, done))[1]
 
 
 def forced_run(model, stage: str, params, features, on_tokens, pitch_tokens, num_notes):
@@ -280,18 +322,20 @@ def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pit
   features = np.asarray(features)
   if stage in FREE_STAGES:
     out = np.full((features.shape[0], max_len), vocab.PAD, np.int32)
+    probs = np.zeros(out.shape, np.float32)
     for b in range(features.shape[0]):
       sequence = [vocab.SOS, vocab.TASK_IDS[stage]]
       state = GrammarState.start(1, None if carriable is None else carriable[b:b + 1])
       while len(sequence) < max_len:
         logits = forward(params, jnp.asarray([sequence], jnp.int32), features[b:b + 1])
-        token = _pick(logits, _free_allowed(stage, state, stop_at_eos))
+        token, prob = _pick_with_prob(logits, _free_allowed(stage, state, stop_at_eos))
+        probs[b, len(sequence)] = float(prob[0])
         sequence.append(int(token[0]))
         state = advance(stage, state, token)
         if sequence[-1] == vocab.EOS:
           break
       out[b, :len(sequence)] = sequence
-    return out
+    return out, probs
   out = np.full(on_tokens.shape, vocab.PAD, np.int32)
   for b in range(features.shape[0]):
     sequence = [vocab.SOS, vocab.TASK_IDS[stage]]
@@ -335,7 +379,7 @@ def weights_in_compute_dtype(model, params):
 def jitted(model, stage: str, max_len: int, stop_at_eos: bool = True):
   """The stage's cached decoding loop, jitted (one compilation per input shape).
 
-  Returns `fn(params, features[, carriable]) -> tokens` for free stages (see
+  Returns `fn(params, features[, carriable]) -> (tokens, probs)` for free stages (see
   `free_run` for `carriable` and `stop_at_eos`) and `fn(params, features, on_tokens, pitch_tokens, num_notes)
   -> answers` for forced ones. The weights are cast to the model's compute
   dtype once per call, before the loop (`weights_in_compute_dtype`).

@@ -80,6 +80,7 @@ class Options:
   max_pieces: int | None = None
   plot_seconds: float = 20.0
   dtype: str | None = None  # the decoders' compute dtype (transcribe.load); None: as trained
+  min_pitch_prob: float | None = None  # hierarchy's unsure-note cut (transcribe.load); None: the stage's config
   layout_given: bool = False  # --layout was on the command line
 
   @classmethod
@@ -89,7 +90,7 @@ class Options:
     return cls(data_dir=f.data_dir, workdir=f.workdir, split=f.split, layout=f.layout, checkpoint=f.checkpoint,
                predictions=f.predictions,
                output_dir=f.output_dir, max_pieces=f.max_pieces, plot_seconds=f.plot_seconds, dtype=f.dtype,
-               layout_given=f["layout"].present)
+               min_pitch_prob=f.min_pitch_prob, layout_given=f["layout"].present)
 
 
 class EvaluationError(Exception):
@@ -325,9 +326,10 @@ def _plotter(output_dir, system, seconds):
   return plot
 
 
-def _model_predictors(workdir, layout, which, dtype=None):
+def _model_predictors(workdir, layout, which, dtype=None, min_pitch_prob=None):
   """Yields (layout, predict_fn) for each layout to score, loading one model at a time from each stage's
-  `which` ("best" or "latest") checkpoint, its decoders computing in `dtype` (None: as trained)."""
+  `which` ("best" or "latest") checkpoint, its decoders computing in `dtype` (None: as trained), the
+  hierarchy leaving out notes below `min_pitch_prob` (None: as configured; `transcribe.load`)."""
   try:
     from hiermt import transcribe  # pylint: disable=import-outside-toplevel  (heavy: JAX and the models)
   except ImportError as e:
@@ -345,7 +347,7 @@ def _model_predictors(workdir, layout, which, dtype=None):
     layouts = [layout]
   for name in layouts:
     try:
-      transcriber = transcribe.load(workdir, layout=name, which=which, dtype=dtype)
+      transcriber = transcribe.load(workdir, layout=name, which=which, dtype=dtype, min_pitch_prob=min_pitch_prob)
     except FileNotFoundError as e:
       raise EvaluationError(f"layout {name} is not available: {e}") from e
     yield name, lambda piece, t=transcriber: t.transcribe(piece.audio_path)
@@ -375,7 +377,8 @@ def run(options: Options) -> dict:
     output_dir = options.output_dir or os.path.join(predictions, "eval", split)
   else:
     midi_predictions = None
-    systems = _model_predictors(options.workdir, options.layout, options.checkpoint, options.dtype)
+    systems = _model_predictors(options.workdir, options.layout, options.checkpoint, options.dtype,
+                                options.min_pitch_prob)
     output_dir = options.output_dir or os.path.join(options.workdir, "eval", split)
 
   references = {}  # piece_id -> Notes, read once for all layouts
@@ -400,7 +403,10 @@ def run(options: Options) -> dict:
           "workdir": os.path.abspath(options.workdir) if options.workdir else None,
           "predictions": os.path.abspath(predictions) if predictions else None,
           "checkpoint": None if predictions else options.checkpoint,
-          "dtype": None if predictions else (options.dtype or "as trained"), "max_pieces": options.max_pieces}
+          "dtype": None if predictions else (options.dtype or "as trained"),
+          "min_pitch_prob": None if predictions else (
+              "as configured" if options.min_pitch_prob is None else options.min_pitch_prob),
+          "max_pieces": options.max_pieces}
   paths = write_report(output_dir, results, info)
   print(format_table(results))
   if midi_predictions is not None and midi_predictions.missing:
@@ -437,6 +443,10 @@ def _define_flags():
                      lower_bound=0.0)
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                     "The decoders' compute dtype, as hiermt.transcribe's --dtype (default: as trained).")
+  flags.DEFINE_float("min_pitch_prob", None,
+                     "Hierarchy: leave out notes whose pitch the onset_pitch stage gave a lower probability, as "
+                     "hiermt.transcribe's --min_pitch_prob (default: the stage's config).",
+                     lower_bound=0.0, upper_bound=1.0)
 
 
 def main(argv):

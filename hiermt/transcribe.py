@@ -118,6 +118,8 @@ class StageModel:
     self.step = step
     # Configs from before `roll` existed fall back to the published thresholds.
     self.roll_thresholds = dict(config.roll) if "roll" in config else None
+    # onset_pitch: notes whose pitch token had a lower probability are left out (`decode.drop_unsure_notes`).
+    self.min_pitch_prob = float(config.get("decode", {}).get("min_pitch_prob", 0.0))
     if roll_thresholds:
       self.roll_thresholds = dict(self.roll_thresholds or {}, **roll_thresholds)
     self.model = transcriber.build_model(config)
@@ -184,9 +186,11 @@ class StageModel:
     return out
 
   def free(self, features, rows, carriable=None):
-    """Free decoding (onset_pitch, flatten) of the first `rows` of `features`: int32 [rows, max_len] tokens.
-    `carriable`: bool [batch, NUM_PITCHES], the pitches each row may list as carried in (`decode.free_run`)."""
-    return np.asarray(self._decode(self.variables["params"], features, carriable))[:rows]
+    """Free decoding (onset_pitch, flatten) of the first `rows` of `features`: (int32 tokens, float32 token
+    probabilities), each [rows, max_len]. `carriable`: bool [batch, NUM_PITCHES], the pitches each row may
+    list as carried in (`decode.free_run`)."""
+    tokens, probs = self._decode(self.variables["params"], features, carriable)
+    return np.asarray(tokens)[:rows], np.asarray(probs)[:rows]
 
   @property
   def max_notes(self):
@@ -370,7 +374,8 @@ class NoteTranscriber:
       ks = range(start, stop)
       encoded = {}
       if onset is not None:
-        tokens = onset.free(self._encoded(chunk, encoded, "onset_pitch")["features"], rows)
+        tokens = decode.drop_unsure_notes(*onset.free(self._encoded(chunk, encoded, "onset_pitch")["features"], rows),
+                                          onset.min_pitch_prob)
         table = table.extend(stitch.NoteTable.from_onset_tokens(tokens, first_segment=start))
         bars["onset_pitch"].update(rows)
 
@@ -418,7 +423,7 @@ class NoteTranscriber:
       carriable = _sounding_at_start(out["frame"])  # [batch, NUM_PITCHES]
       if start == 0:
         carriable[0] = False  # a piece's first segment: nothing sounds before the audio starts
-      tokens += list(stage.free(out["features"], rows, carriable))
+      tokens += list(stage.free(out["features"], rows, carriable)[0])
       bars["flatten"].update(rows)
     return stitch.clip_to_duration(vocab.decode_piece(tokens, "flatten"), duration)
 
@@ -485,7 +490,7 @@ def _same_encoder(a: StageModel, b: StageModel) -> bool:
 
 
 def load(workdir, layout="hierarchy", batch_segments=BATCH_SEGMENTS, fixed_tokens=None,
-         which="best", dtype=None) -> NoteTranscriber:
+         which="best", dtype=None, min_pitch_prob=None) -> NoteTranscriber:
   """The trained stages of `layout` in `workdir`, ready to transcribe.
 
   Args:
@@ -500,6 +505,9 @@ def load(workdir, layout="hierarchy", batch_segments=BATCH_SEGMENTS, fixed_token
     dtype: the decoders' compute dtype, "float32" or "bfloat16" (None: each
       stage's training dtype). bfloat16 decodes with half-size weights and caches:
       faster, but its notes can differ from float32's. Encoders keep theirs.
+    min_pitch_prob: hierarchy: leave out stage-1 notes whose pitch token had a lower
+      probability (`decode.drop_unsure_notes`; 0 keeps all). None: the onset_pitch
+      stage's `decode.min_pitch_prob` (0 in configs saved before it existed).
 
   Raises:
     FileNotFoundError: a stage of the layout is not trained; the message names
@@ -512,7 +520,11 @@ def load(workdir, layout="hierarchy", batch_segments=BATCH_SEGMENTS, fixed_token
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if dtype is not None and dtype not in transcriber.DTYPES:
     raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(transcriber.DTYPES)}")
+  if min_pitch_prob is not None and not 0.0 <= min_pitch_prob <= 1.0:
+    raise ValueError(f"min_pitch_prob must be a probability in [0, 1], got {min_pitch_prob}")
   stages = {s: StageModel.from_workdir(workdir, s, fixed_tokens, which, dtype) for s in LAYOUTS[layout]}
+  if min_pitch_prob is not None and "onset_pitch" in stages:
+    stages["onset_pitch"].min_pitch_prob = min_pitch_prob
   cache = next(iter(stages.values())).config.data.cache_dir
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser(cache), "xla"))
   return NoteTranscriber(layout, stages, batch_segments)
@@ -535,6 +547,10 @@ def _define_flags():
                     "The decoders' compute dtype (default: the one each stage was trained with; encoders keep "
                     "theirs). bfloat16 decodes faster "
                     "(half-size weights and caches) but its notes can differ from float32's.")
+  flags.DEFINE_float("min_pitch_prob", None,
+                     "Hierarchy: leave out notes whose pitch the onset_pitch stage gave a lower probability "
+                     "(0 keeps every note; default: the stage's config, decode.min_pitch_prob).",
+                     lower_bound=0.0, upper_bound=1.0)
 
 
 def audio_files(arguments) -> tuple[list[str], list[str]]:
@@ -572,7 +588,7 @@ def main(argv):
     sys.exit(1)
   try:
     transcriber_ = load(FLAGS.workdir, FLAGS.layout, FLAGS.batch_segments, which=FLAGS.checkpoint,
-                        dtype=FLAGS.dtype)
+                        dtype=FLAGS.dtype, min_pitch_prob=FLAGS.min_pitch_prob)
   except (FileNotFoundError, ValueError) as e:
     print(f"transcribe: {e}", file=sys.stderr)
     sys.exit(2)

@@ -53,12 +53,42 @@ def _check_grammar(stage, tokens):
 @pytest.mark.parametrize("stage", ["onset_pitch", "flatten"])
 def test_free_run_equals_full_recompute(stage, conditioning):
   model, params, features = _model(stage, conditioning)
-  cached = np.asarray(decode.jitted(model, stage, MAX_LEN)(params, features))
-  reference = decode.decode_uncached(model, stage, MAX_LEN, params, features)
+  cached, probs = map(np.asarray, decode.jitted(model, stage, MAX_LEN)(params, features))
+  reference, reference_probs = decode.decode_uncached(model, stage, MAX_LEN, params, features)
   np.testing.assert_array_equal(cached, reference)
+  np.testing.assert_allclose(probs, reference_probs, atol=1e-4)
   assert len({tuple(row) for row in cached}) > 1  # the audio matters
   for row in cached:
     _check_grammar(stage, row)
+  # A probability for every written token, none for the prompt and the padding.
+  written = cached != vocab.PAD
+  written[:, :2] = False
+  assert np.all((probs[written] > 0) & (probs[written] <= 1 + 1e-6)) and np.all(probs[~written] == 0)
+
+
+def test_written_probabilities_are_the_softmax_over_the_allowed_tokens():
+  # The first token after <sos> <task>: allowed are the 1000 onset times and <eos> (no note yet).
+  model, params, features = _model("onset_pitch", "prefix")
+  tokens, probs = map(np.asarray, decode.jitted(model, "onset_pitch", 3)(params, features))
+  logits = np.asarray(decode._uncached_forward(model)(params, jnp.asarray(tokens[:1, :2]), features[:1]))[0]
+  allowed = np.r_[[vocab.EOS], vocab.time_id(np.arange(1000))]
+  chosen = logits[allowed]
+  want = 1.0 / np.exp(chosen - chosen.max()).sum()  # the argmax's share of the softmax
+  assert tokens[0, 2] == allowed[np.argmax(chosen)]
+  np.testing.assert_allclose(probs[0, 2], want, rtol=1e-4)
+
+
+def test_unsure_notes_are_dropped_with_their_time_token():
+  t, p = vocab.time_id, vocab.pitch_id
+  tokens = np.array([[vocab.SOS, 5, t(10), p(60), t(10), p(64), t(20), p(62), vocab.EOS, vocab.PAD]])
+  probs = np.array([[0, 0, 0.9, 0.95, 0.8, 0.3, 0.6, 0.7, 0.9, 0]])
+  kept = decode.drop_unsure_notes(tokens, probs, 0.5)
+  np.testing.assert_array_equal(kept, [[vocab.SOS, 5, t(10), p(60), vocab.PAD, vocab.PAD, t(20), p(62),
+                                        vocab.EOS, vocab.PAD]])
+  decoded = vocab.decode_segment(kept[0], "onset_pitch")
+  np.testing.assert_array_equal(decoded["pitch"], [60, 62])
+  np.testing.assert_array_equal(decoded["onset"], [10, 20])
+  np.testing.assert_array_equal(decode.drop_unsure_notes(tokens, probs, 0.0), tokens)  # 0 keeps all
 
 
 def test_flatten_carries_only_the_pitches_allowed():
@@ -67,8 +97,8 @@ def test_flatten_carries_only_the_pitches_allowed():
   carriable = np.zeros((3, vocab.NUM_PITCHES), bool)
   carriable[1, [60, 64]] = True
   carriable[2] = True
-  cached = np.asarray(decode.jitted(model, "flatten", MAX_LEN)(params, features, carriable))
-  reference = decode.decode_uncached(model, "flatten", MAX_LEN, params, features, carriable=carriable)
+  cached = np.asarray(decode.jitted(model, "flatten", MAX_LEN)(params, features, carriable)[0])
+  reference = decode.decode_uncached(model, "flatten", MAX_LEN, params, features, carriable=carriable)[0]
   np.testing.assert_array_equal(cached, reference)
   for row, allowed in zip(cached, carriable):
     _check_grammar("flatten", row)
@@ -81,8 +111,8 @@ def test_flatten_carries_only_the_pitches_allowed():
 def test_banning_eos_fills_every_row_in_both_strategies():
   model, params, features = _model("onset_pitch", "cross")
   max_len = 12
-  cached = np.asarray(decode.jitted(model, "onset_pitch", max_len, stop_at_eos=False)(params, features))
-  reference = decode.decode_uncached(model, "onset_pitch", max_len, params, features, stop_at_eos=False)
+  cached = np.asarray(decode.jitted(model, "onset_pitch", max_len, stop_at_eos=False)(params, features)[0])
+  reference = decode.decode_uncached(model, "onset_pitch", max_len, params, features, stop_at_eos=False)[0]
   np.testing.assert_array_equal(cached, reference)
   assert not np.any(cached == vocab.EOS) and not np.any(cached == vocab.PAD)
   with pytest.raises(ValueError, match="no room"):
@@ -130,8 +160,9 @@ def test_bfloat16_decoding_casts_the_weights_once_and_equals_its_full_recompute(
     pitch = vocab.pitch_id(np.array([[60, 40, 100]] * 3)).astype(np.int32)
     extra = (on, pitch, np.array([3, 2, 0], np.int32))
   run = decode.jitted(model, stage, MAX_LEN)
-  cached = np.asarray(run(params, features, *extra))
-  np.testing.assert_array_equal(cached, np.asarray(run(cast, features, *extra)))  # the loop casts float32 itself
+  first = lambda out: out[0] if stage in decode.FREE_STAGES else out  # noqa: E731  free stages: (tokens, probs)
+  cached = np.asarray(first(run(params, features, *extra)))
+  np.testing.assert_array_equal(cached, np.asarray(first(run(cast, features, *extra))))  # the loop casts float32 itself
   if stage == "velocity":
     assert np.all((cached[0, :3] >= vocab.velocity_id(1)) & (cached[0, :3] <= vocab.velocity_id(127)))
     assert np.all(cached[1, 2:] == vocab.PAD) and np.all(cached[2] == vocab.PAD)

@@ -139,11 +139,12 @@ class _FakeTranscriber:
 def _fake_transcribe_module(available):
   loaded = []  # (layout, checkpoint choice) of every load
 
-  def load(workdir, layout="hierarchy", which="best", dtype=None):
+  def load(workdir, layout="hierarchy", which="best", dtype=None, min_pitch_prob=None):
     if layout not in available:
       raise FileNotFoundError(f"{workdir}/{layout}: stage not trained; run python -m hiermt.main "
                               f"--config=configs/base.py:{layout} --workdir={workdir}")
-    loaded.append((layout, which) if dtype is None else (layout, which, dtype))
+    extras = tuple(x for x in (dtype, min_pitch_prob) if x is not None)
+    loaded.append((layout, which) + extras)
     return _FakeTranscriber()
   return types.SimpleNamespace(available_layouts=lambda workdir: list(available), load=load, loaded=loaded)
 
@@ -178,8 +179,9 @@ def test_model_layouts_report(monkeypatch, capsys, corpus, tmp_path):
     assert sorted(p.name for p in (out / "plots" / layout).iterdir()) == ["a.png", "b.png"]
   assert (report["checkpoint"], report["dtype"]) == ("best", "as trained")
   evaluate.run(evaluate.Options(data_dir=str(data_dir), workdir=str(workdir), layout="roll", checkpoint="latest",
-                                output_dir=str(tmp_path / "latest"), plot_seconds=0.0, dtype="bfloat16"))
-  assert fake.loaded[-1] == ("roll", "latest", "bfloat16")
+                                output_dir=str(tmp_path / "latest"), plot_seconds=0.0, dtype="bfloat16",
+                                min_pitch_prob=0.7))
+  assert fake.loaded[-1] == ("roll", "latest", "bfloat16", 0.7)
   assert json.loads((tmp_path / "latest" / "metrics.json").read_text())["dtype"] == "bfloat16"
 
 

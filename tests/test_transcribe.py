@@ -144,6 +144,14 @@ def test_overfitted_stages_transcribe_the_piece(trained, layout, dtype):
     assert set(t.encoder_of.values()) == {"onset_pitch"}
 
 
+def test_min_pitch_prob_comes_from_the_config_unless_given(trained):
+  workdir, _, _ = trained
+  assert _loaded(str(workdir), "hierarchy").stages["onset_pitch"].min_pitch_prob == 0.0  # the config's default
+  assert transcribe.load(str(workdir), "hierarchy", min_pitch_prob=0.3).stages["onset_pitch"].min_pitch_prob == 0.3
+  with pytest.raises(ValueError, match=r"probability in \[0, 1\]"):
+    transcribe.load(str(workdir), "hierarchy", min_pitch_prob=1.5)
+
+
 def test_stages_with_different_encoders_run_their_own(trained):
   import copy
   workdir, _, _ = trained

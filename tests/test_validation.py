@@ -41,9 +41,11 @@ AUDIO = np.zeros(vocab.SEGMENT_STEPS * 160, np.float32)  # one 10 s segment at 1
 
 class _KnownStage:
   """Stands in for a trained `transcribe.StageModel`: its decoder "writes" fixed tokens or answers."""
+  min_pitch_prob = 0.0
 
-  def __init__(self, free_tokens=None, answer=None, sounding=()):
+  def __init__(self, free_tokens=None, answer=None, sounding=(), free_probs=None):
     self._free_tokens = free_tokens  # int32 [tokens] of the one segment
+    self._free_probs = free_probs  # float [tokens], each token's probability (default all 1)
     self._answer = answer  # (table, note ids of a segment) -> answer token ids
     self._sounding = list(sounding)  # frame-roll columns on from the segment's start
 
@@ -55,7 +57,9 @@ class _KnownStage:
 
   def free(self, features, rows, carriable=None):
     self.carriable = carriable
-    return self._free_tokens[None][:rows]
+    tokens = self._free_tokens[None][:rows]
+    probs = np.ones(tokens.shape, np.float32) if self._free_probs is None else self._free_probs[None][:rows]
+    return tokens, probs
 
   def forced(self, features, queries, table):
     return [self._answer(table, ids) for _, ids, _ in queries]
@@ -72,6 +76,22 @@ def test_onset_pitch_scores_its_onsets_and_pitches():
   decoded = _notes([(1.0, 1.1, 60, 100), (2.0, 2.1, 62, 100), (3.0, 3.1, 64, 100), (4.0, 4.1, 67, 100)])
   known = _KnownStage(free_tokens=vocab.encode_segment(decoded, 0.0, "onset_pitch")[0])
   assert _scores("onset_pitch", known) == {"onset_f1": pytest.approx(0.75)}
+
+
+def test_onset_pitch_leaves_out_notes_with_unsure_pitches():
+  # As above, the wrong pitch written with probability 0.4: below min_pitch_prob 0.5 it is left out,
+  # P = 3/3, R = 3/4, F1 = 6/7. Its time token's own probability does not count.
+  decoded = _notes([(1.0, 1.1, 60, 100), (2.0, 2.1, 62, 100), (3.0, 3.1, 64, 100), (4.0, 4.1, 67, 100)])
+  tokens = vocab.encode_segment(decoded, 0.0, "onset_pitch")[0]
+  probs = np.full(len(tokens), 0.9, np.float32)
+  probs[2 + 2 * 3] = 0.1  # the fourth note's time
+  probs[2 + 2 * 3 + 1] = 0.4  # and its pitch
+  known = _KnownStage(free_tokens=tokens, free_probs=probs)
+  assert _scores("onset_pitch", known) == {"onset_f1": pytest.approx(0.75)}  # 0 keeps every note
+  known.min_pitch_prob = 0.5
+  assert _scores("onset_pitch", known) == {"onset_f1": pytest.approx(6 / 7)}
+  known.min_pitch_prob = 0.95
+  assert _scores("onset_pitch", known) == {"onset_f1": 0.0}
 
 
 def test_velocity_scores_velocities_of_the_reference_notes():
@@ -171,7 +191,7 @@ def test_validator_scores_the_sharded_state(runlocal_config, monkeypatch):
     seen = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(
         self.variables["params"]["decoder"])[0]}[jax.tree_util.keystr(path)]
     np.testing.assert_array_equal(np.asarray(seen), np.asarray(jax.device_get(sharded)))
-    return tokens[None]
+    return tokens[None], np.ones((1, len(tokens)), np.float32)
 
   monkeypatch.setattr(transcribe.StageModel, "free", free)
   scores = validation.Validator(compiled.config, compiled.mesh)(state)

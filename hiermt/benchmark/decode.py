@@ -146,7 +146,12 @@ def time_hiermt(model, stage, config, params, features, notes, repeats=1):
   report = dict(work, batch=segments, compile_seconds=round(compile_seconds, 3),
                 piece_seconds=round(float(np.median(runs)), 4), run_seconds=[round(t, 4) for t in runs],
                 measured=f"all {segments} segments in one batch")
-  return report, np.asarray(out[0])
+  return report, np.asarray(_written(stage, out)[0])
+
+
+def _written(stage, out):
+  """The tokens (free stages, which also return probabilities) or answers of a decoding run."""
+  return out[0] if stage in decode.FREE_STAGES else out
 
 
 def time_uncached(model, stage, config, params, features, notes):
@@ -176,7 +181,7 @@ def time_uncached(model, stage, config, params, features, notes):
                 multiplied_by=segments, piece_seconds=round(seconds * segments, 3),
                 measured=f"segment 0 alone (second run; the first compiled a forward pass per length), "
                          f"x {segments} segments")
-  return report, out[0]
+  return report, _written(stage, out)[0]
 
 
 def _piece_totals(stages: dict) -> dict:
