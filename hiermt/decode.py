@@ -28,8 +28,9 @@ onset (a carried note's offset at step >= 1); velocities 1..127; `<eos>` only
 between notes; pitches within the piano's 88 keys.
 
 Free decoding also returns each written token's probability among the tokens
-the grammar allowed; `drop_unsure_notes` uses it to leave out stage-1 notes
-whose pitch the model was unsure of (`decode.min_pitch_prob` in the config).
+the grammar allowed. With `min_pitch_prob` (`decode.min_pitch_prob` in the
+config, hierarchy only) a note whose pitch falls below it closes its onset
+time to further notes, and `drop_unsure_notes` leaves it out afterwards.
 
 `decode_uncached` is the official code's strategy — full recompute of the
 sequence for every token, one forward pass per note in stages 2-3 — with the
@@ -63,6 +64,7 @@ class GrammarState:
   previous_pitch: jax.Array  # pitch of the last timed note, -1 before the first
   timed: jax.Array  # bool: a timed onset has been written (no more note_sustain onsets)
   carriable: jax.Array  # bool [batch, NUM_PITCHES]: pitches a further carried note may have
+  closed: jax.Array  # bool: the last timed note's pitch was unsure; no further note at its onset
 
   @classmethod
   def start(cls, batch: int, carriable=None) -> "GrammarState":
@@ -70,8 +72,8 @@ class GrammarState:
     minus_one = jnp.full((batch,), -1, jnp.int32)
     if carriable is None:
       carriable = jnp.ones((batch, vocab.NUM_PITCHES), bool)
-    return cls(jnp.zeros((batch,), jnp.int32), minus_one, minus_one, minus_one,
-               jnp.zeros((batch,), bool), jnp.asarray(carriable, bool))
+    no = jnp.zeros((batch,), bool)
+    return cls(jnp.zeros((batch,), jnp.int32), minus_one, minus_one, minus_one, no, jnp.asarray(carriable, bool), no)
 
 
 _IDS = np.arange(vocab.VOCAB_SIZE)
@@ -96,8 +98,9 @@ def _field_mask(stage: str, field: str, state: GrammarState) -> jax.Array:
   col = lambda x: x[:, None]  # noqa: E731  [batch] -> [batch, 1]
   sustain_ok = "sustain" in vocab.LAYOUTS[stage][0]
   if field == "onset":
-    # A further note at the previous onset needs a higher pitch; after the top key there is none.
-    first = jnp.where(state.previous_pitch >= HIGHEST_PIANO_PITCH, state.previous_onset + 1,
+    # A further note at the previous onset needs a higher pitch; after the top key there is none,
+    # nor after an unsure pitch (`closed`).
+    first = jnp.where((state.previous_pitch >= HIGHEST_PIANO_PITCH) | state.closed, state.previous_onset + 1,
                       jnp.maximum(state.previous_onset, 0))
     timed = jnp.asarray(_IS_TIME)[None] & (step >= col(first)) & (step <= LAST_ONSET_STEP)
     can_carry = ~state.timed & jnp.any(state.carriable[:, LOWEST_PIANO_PITCH:HIGHEST_PIANO_PITCH + 1], axis=1)
@@ -125,8 +128,10 @@ def allowed_tokens(stage: str, state: GrammarState) -> jax.Array:
   return jnp.take_along_axis(masks, state.slot[None, :, None], axis=0)[0]
 
 
-def advance(stage: str, state: GrammarState, token: jax.Array) -> GrammarState:
-  """The state after each row writes `token` [batch] (its slot's field)."""
+def advance(stage: str, state: GrammarState, token: jax.Array, unsure=None) -> GrammarState:
+  """The state after each row writes `token` [batch] (its slot's field); `unsure` (bool [batch], or
+  None for none) marks tokens written below the caller's confidence: an unsure timed pitch closes its
+  onset time to further notes."""
   fields = vocab.FIELDS[stage]
   field_at = lambda name: state.slot == fields.index(name)  # noqa: E731
   is_onset, is_pitch = field_at("onset"), field_at("pitch")
@@ -143,6 +148,7 @@ def advance(stage: str, state: GrammarState, token: jax.Array) -> GrammarState:
       # Carried notes come by rising pitch, one per pitch.
       carriable=jnp.where((is_pitch & carried)[:, None],
                           state.carriable & (jnp.arange(vocab.NUM_PITCHES)[None] > pitch[:, None]), state.carriable),
+      closed=jnp.where(is_pitch & ~carried, False if unsure is None else unsure, state.closed),
   )
 
 
@@ -211,7 +217,8 @@ def _decode_call(model, params, cache, tokens, features=None):
   return logits, mutated["cache"]
 
 
-def free_run(model, stage: str, max_len: int, params, features, carriable=None, stop_at_eos: bool = True):
+def free_run(model, stage: str, max_len: int, params, features, carriable=None, min_pitch_prob=0.0,
+             stop_at_eos: bool = True):
   """Free greedy decoding of a batch of segments (`onset_pitch` or `flatten`).
 
   Args:
@@ -222,6 +229,9 @@ def free_run(model, stage: str, max_len: int, params, features, carriable=None, 
     features: encoder features [batch, frames, d_enc].
     carriable: bool [batch, NUM_PITCHES], the pitches each segment may list as carried in
       (`flatten`); None: any.
+    min_pitch_prob: a timed note whose pitch is written with a lower probability closes its
+      onset time: the next note must start later (0: never). `drop_unsure_notes` with the
+      same value then leaves the note out.
     stop_at_eos: False masks `<eos>`, so every row writes exactly `max_len`
       tokens: benchmarks use it to time a chosen token count with untrained weights.
 
@@ -246,7 +256,7 @@ def free_run(model, stage: str, max_len: int, params, features, carriable=None, 
     token, prob = jnp.where(done, vocab.PAD, token), jnp.where(done, 0.0, prob)
     written = tuple(jax.lax.dynamic_update_slice(x, y[:, None], (0, position))
                     for x, y in zip(written, (token, prob)))
-    return written, advance(stage, state, token), done | (token == vocab.EOS)
+    return written, advance(stage, state, token, prob < min_pitch_prob), done | (token == vocab.EOS)
 
   def cond(carry):
     position, _, _, _, done = carry
@@ -311,7 +321,7 @@ def forced_run(model, stage: str, params, features, on_tokens, pitch_tokens, num
 # The official strategy (reference and benchmark baseline)
 # ----------------------------------------------------------------------------
 def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pitch_tokens=None,
-                    num_notes=None, stop_at_eos: bool = True, carriable=None):
+                    num_notes=None, stop_at_eos: bool = True, carriable=None, min_pitch_prob=0.0):
   """Greedy decoding by full recompute: one segment at a time, every step re-runs the whole sequence.
 
   Same arguments and results as `free_run` / `forced_run` (numpy in, numpy
@@ -331,7 +341,7 @@ def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pit
         token, prob = _pick_with_prob(logits, _free_allowed(stage, state, stop_at_eos))
         probs[b, len(sequence)] = float(prob[0])
         sequence.append(int(token[0]))
-        state = advance(stage, state, token)
+        state = advance(stage, state, token, prob < min_pitch_prob)
         if sequence[-1] == vocab.EOS:
           break
       out[b, :len(sequence)] = sequence
@@ -379,8 +389,8 @@ def weights_in_compute_dtype(model, params):
 def jitted(model, stage: str, max_len: int, stop_at_eos: bool = True):
   """The stage's cached decoding loop, jitted (one compilation per input shape).
 
-  Returns `fn(params, features[, carriable]) -> (tokens, probs)` for free stages (see
-  `free_run` for `carriable` and `stop_at_eos`) and `fn(params, features, on_tokens, pitch_tokens, num_notes)
+  Returns `fn(params, features[, carriable[, min_pitch_prob]]) -> (tokens, probs)` for free stages (see
+  `free_run` for `carriable`, `min_pitch_prob` and `stop_at_eos`) and `fn(params, features, on_tokens, pitch_tokens, num_notes)
   -> answers` for forced ones. The weights are cast to the model's compute
   dtype once per call, before the loop (`weights_in_compute_dtype`).
   """

@@ -189,7 +189,9 @@ class StageModel:
     """Free decoding (onset_pitch, flatten) of the first `rows` of `features`: (int32 tokens, float32 token
     probabilities), each [rows, max_len]. `carriable`: bool [batch, NUM_PITCHES], the pitches each row may
     list as carried in (`decode.free_run`)."""
-    tokens, probs = self._decode(self.variables["params"], features, carriable)
+    # The unsure-note rule is stage 1's (hierarchy); flatten decodes greedily whatever its config says.
+    min_pitch_prob = self.min_pitch_prob if self.stage == "onset_pitch" else 0.0
+    tokens, probs = self._decode(self.variables["params"], features, carriable, min_pitch_prob)
     return np.asarray(tokens)[:rows], np.asarray(probs)[:rows]
 
   @property

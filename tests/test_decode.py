@@ -78,6 +78,30 @@ def test_written_probabilities_are_the_softmax_over_the_allowed_tokens():
   np.testing.assert_allclose(probs[0, 2], want, rtol=1e-4)
 
 
+def test_an_unsure_pitch_closes_its_onset_time():
+  # The threshold: the median probability of the pitches written without one, so some fall below.
+  model, params, features = _model("onset_pitch", "prefix")
+  run = decode.jitted(model, "onset_pitch", MAX_LEN)
+  tokens, probs = map(np.asarray, run(params, features))
+  is_pitch = (tokens >= vocab.PITCH_OFFSET) & (tokens < vocab.PITCH_OFFSET + vocab.NUM_PITCHES)
+  threshold = float(np.median(probs[is_pitch]))
+  cached, cached_probs = map(np.asarray, run(params, features, None, threshold))
+  reference, reference_probs = decode.decode_uncached(model, "onset_pitch", MAX_LEN, params, features,
+                                                      min_pitch_prob=threshold)
+  np.testing.assert_array_equal(cached, reference)
+  np.testing.assert_allclose(cached_probs, reference_probs, atol=1e-4)
+  closed = 0
+  for row, row_probs in zip(cached, cached_probs):
+    _check_grammar("onset_pitch", row)
+    for i in range(3, MAX_LEN - 2, 2):  # pitch tokens sit at odd positions; the next note's time after them
+      if vocab.PITCH_OFFSET <= row[i] < vocab.PITCH_OFFSET + vocab.NUM_PITCHES and row_probs[i] < threshold \
+          and vocab.TIME_OFFSET <= row[i + 1] < vocab.TIME_OFFSET + vocab.NUM_TIMES:
+        assert row[i + 1] > row[i - 1]  # a later onset
+        closed += 1
+  assert closed > 0
+  assert not np.array_equal(cached, tokens)  # the rule changed what was written
+
+
 def test_unsure_notes_are_dropped_with_their_time_token():
   t, p = vocab.time_id, vocab.pitch_id
   tokens = np.array([[vocab.SOS, 5, t(10), p(60), t(10), p(64), t(20), p(62), vocab.EOS, vocab.PAD]])
