@@ -144,9 +144,9 @@ def get_config(arg=None):
 
   # --- decoding -----------------------------------------------------------
   c.decode = ml_collections.ConfigDict()
-  # onset_pitch (hierarchy): leave out notes whose pitch token had a lower probability among the
-  # tokens the grammar allowed (hiermt.decode.drop_unsure_notes). 0: keep every note (the paper's
-  # greedy decoding). transcribe/evaluate --min_pitch_prob override it.
+  # onset_pitch (hierarchy): a pitch token written with a lower probability among the tokens the
+  # grammar allowed closes its onset time to further notes, and its note is left out
+  # (hiermt.decode). 0: the paper's greedy decoding. transcribe/evaluate --min_pitch_prob override it.
   c.decode.min_pitch_prob = 0.0
 
   # --- optimisation -------------------------------------------------------

@@ -80,7 +80,7 @@ class Options:
   max_pieces: int | None = None
   plot_seconds: float = 20.0
   dtype: str | None = None  # the decoders' compute dtype (transcribe.load); None: as trained
-  min_pitch_prob: float | None = None  # hierarchy's unsure-note cut (transcribe.load); None: the stage's config
+  min_pitch_prob: float | None = None  # hierarchy's unsure-pitch rule (transcribe.load); None: the stage's config
   layout_given: bool = False  # --layout was on the command line
 
   @classmethod
@@ -329,7 +329,7 @@ def _plotter(output_dir, system, seconds):
 def _model_predictors(workdir, layout, which, dtype=None, min_pitch_prob=None):
   """Yields (layout, predict_fn) for each layout to score, loading one model at a time from each stage's
   `which` ("best" or "latest") checkpoint, its decoders computing in `dtype` (None: as trained), the
-  hierarchy leaving out notes below `min_pitch_prob` (None: as configured; `transcribe.load`)."""
+  hierarchy's unsure-pitch rule at `min_pitch_prob` (None: as configured; `transcribe.load`)."""
   try:
     from hiermt import transcribe  # pylint: disable=import-outside-toplevel  (heavy: JAX and the models)
   except ImportError as e:
@@ -444,8 +444,8 @@ def _define_flags():
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                     "The decoders' compute dtype, as hiermt.transcribe's --dtype (default: as trained).")
   flags.DEFINE_float("min_pitch_prob", None,
-                     "Hierarchy: leave out notes whose pitch the onset_pitch stage gave a lower probability, as "
-                     "hiermt.transcribe's --min_pitch_prob (default: the stage's config).",
+                     "Hierarchy's unsure-pitch rule, as hiermt.transcribe's --min_pitch_prob (default: the "
+                     "stage's config).",
                      lower_bound=0.0, upper_bound=1.0)
 
 

@@ -77,7 +77,7 @@ class Preset:
 # the frozen HPPNet: 1.3-1.5 s. Step counts are left to the time budget; the state each budget
 # stop saves is validated, so the best checkpoint is the newest whenever it scores highest.
 # decode.min_pitch_prob 0.7 was chosen on the validation split of the 90-minute recipe's run
-# (Hierarchy On F1 0.259 at 0, 0.334 / 0.338 / 0.330 at 0.6 / 0.7 / 0.8; docs/design.md).
+# (Hierarchy On F1 0.259 at 0, 0.354 / 0.387 / 0.386 at 0.6 / 0.7 / 0.8; docs/design.md).
 PRESETS = {
     "cpu": Preset(
         options="size=micro",

@@ -118,7 +118,7 @@ class StageModel:
     self.step = step
     # Configs from before `roll` existed fall back to the published thresholds.
     self.roll_thresholds = dict(config.roll) if "roll" in config else None
-    # onset_pitch: notes whose pitch token had a lower probability are left out (`decode.drop_unsure_notes`).
+    # onset_pitch: a pitch written with a lower probability closes its onset and its note is left out.
     self.min_pitch_prob = float(config.get("decode", {}).get("min_pitch_prob", 0.0))
     if roll_thresholds:
       self.roll_thresholds = dict(self.roll_thresholds or {}, **roll_thresholds)
@@ -507,9 +507,10 @@ def load(workdir, layout="hierarchy", batch_segments=BATCH_SEGMENTS, fixed_token
     dtype: the decoders' compute dtype, "float32" or "bfloat16" (None: each
       stage's training dtype). bfloat16 decodes with half-size weights and caches:
       faster, but its notes can differ from float32's. Encoders keep theirs.
-    min_pitch_prob: hierarchy: leave out stage-1 notes whose pitch token had a lower
-      probability (`decode.drop_unsure_notes`; 0 keeps all). None: the onset_pitch
-      stage's `decode.min_pitch_prob` (0 in configs saved before it existed).
+    min_pitch_prob: hierarchy: a stage-1 pitch written with a lower probability closes its
+      onset time and its note is left out (`decode.free_run`, `decode.drop_unsure_notes`;
+      0: plain greedy). None: the onset_pitch stage's `decode.min_pitch_prob` (0 in
+      configs saved before it existed).
 
   Raises:
     FileNotFoundError: a stage of the layout is not trained; the message names
@@ -550,8 +551,9 @@ def _define_flags():
                     "theirs). bfloat16 decodes faster "
                     "(half-size weights and caches) but its notes can differ from float32's.")
   flags.DEFINE_float("min_pitch_prob", None,
-                     "Hierarchy: leave out notes whose pitch the onset_pitch stage gave a lower probability "
-                     "(0 keeps every note; default: the stage's config, decode.min_pitch_prob).",
+                     "Hierarchy: a pitch the onset_pitch stage writes with a lower probability closes its onset "
+                     "time to further notes and its note is left out (0: plain greedy decoding; default: the "
+                     "stage's config, decode.min_pitch_prob).",
                      lower_bound=0.0, upper_bound=1.0)
 
 
