@@ -152,13 +152,9 @@ def advance(stage: str, state: GrammarState, token: jax.Array, unsure=None) -> G
   )
 
 
-def _pick(logits: jax.Array, allowed: jax.Array) -> jax.Array:
-  """Greedy choice among allowed ids: int32 [batch] from logits/allowed [batch, vocab]."""
-  return jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(jnp.int32)
-
-
-def _pick_with_prob(logits: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`_pick`, and the chosen id's probability under the softmax over the allowed ids: float32 [batch]."""
+def _pick(logits: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Greedy choice among allowed ids from logits/allowed [batch, vocab]: (int32 [batch], the chosen
+  id's probability under the softmax over the allowed ids, float32 [batch])."""
   masked = jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf)  # [batch, vocab]
   token = jnp.argmax(masked, axis=-1).astype(jnp.int32)
   log_prob = jnp.take_along_axis(masked, token[:, None], axis=1)[:, 0] - jax.nn.logsumexp(masked, axis=-1)
@@ -252,7 +248,7 @@ def free_run(model, stage: str, max_len: int, params, features, carriable=None, 
 
   def write(position, logits, written, state, done):
     """Picks every row's token at `position` (PAD once a row is done) from the previous token's logits."""
-    token, prob = _pick_with_prob(logits, _free_allowed(stage, state, stop_at_eos))  # [batch]
+    token, prob = _pick(logits, _free_allowed(stage, state, stop_at_eos))  # [batch]
     token, prob = jnp.where(done, vocab.PAD, token), jnp.where(done, 0.0, prob)
     written = tuple(jax.lax.dynamic_update_slice(x, y[:, None], (0, position))
                     for x, y in zip(written, (token, prob)))
@@ -299,7 +295,7 @@ def forced_run(model, stage: str, params, features, on_tokens, pitch_tokens, num
 
   def write(i, logits, answers):
     """Picks every row's answer to note `i` (PAD past its notes) from the logits after its pitch token."""
-    answer = _pick(logits, allowed_tokens(stage, _answer_state(note(on_tokens, i))))  # [batch]
+    answer = _pick(logits, allowed_tokens(stage, _answer_state(note(on_tokens, i))))[0]  # [batch]
     answer = jnp.where(i < num_notes, answer, vocab.PAD)
     return jax.lax.dynamic_update_slice(answers, answer[:, None], (0, i))
 
@@ -338,7 +334,7 @@ def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pit
       state = GrammarState.start(1, None if carriable is None else carriable[b:b + 1])
       while len(sequence) < max_len:
         logits = forward(params, jnp.asarray([sequence], jnp.int32), features[b:b + 1])
-        token, prob = _pick_with_prob(logits, _free_allowed(stage, state, stop_at_eos))
+        token, prob = _pick(logits, _free_allowed(stage, state, stop_at_eos))
         probs[b, len(sequence)] = float(prob[0])
         sequence.append(int(token[0]))
         state = advance(stage, state, token, prob < min_pitch_prob)
@@ -352,7 +348,7 @@ def decode_uncached(model, stage, max_len, params, features, on_tokens=None, pit
     for i in range(int(num_notes[b])):
       sequence += [int(on_tokens[b, i]), int(pitch_tokens[b, i])]
       logits = forward(params, jnp.asarray([sequence], jnp.int32), features[b:b + 1])
-      answer = _pick(logits, allowed_tokens(stage, _answer_state(jnp.asarray(on_tokens[b, i:i + 1]))))
+      answer = _pick(logits, allowed_tokens(stage, _answer_state(jnp.asarray(on_tokens[b, i:i + 1]))))[0]
       out[b, i] = int(answer[0])
       sequence.append(out[b, i])
   return out
@@ -389,9 +385,9 @@ def weights_in_compute_dtype(model, params):
 def jitted(model, stage: str, max_len: int, stop_at_eos: bool = True):
   """The stage's cached decoding loop, jitted (one compilation per input shape).
 
-  Returns `fn(params, features[, carriable[, min_pitch_prob]]) -> (tokens, probs)` for free stages (see
-  `free_run` for `carriable`, `min_pitch_prob` and `stop_at_eos`) and `fn(params, features, on_tokens, pitch_tokens, num_notes)
-  -> answers` for forced ones. The weights are cast to the model's compute
+  Returns `fn(params, features[, carriable[, min_pitch_prob]]) -> (tokens, probs)` for free
+  stages (see `free_run` for `carriable`, `min_pitch_prob` and `stop_at_eos`) and
+  `fn(params, features, on_tokens, pitch_tokens, num_notes) -> answers` for forced ones. The weights are cast to the model's compute
   dtype once per call, before the loop (`weights_in_compute_dtype`).
   """
   if stage in FREE_STAGES:

@@ -118,10 +118,12 @@ class StageModel:
     self.step = step
     # Configs from before `roll` existed fall back to the published thresholds.
     self.roll_thresholds = dict(config.roll) if "roll" in config else None
-    # onset_pitch: a pitch written with a lower probability closes its onset and its note is left out.
-    self.min_pitch_prob = float(config.get("decode", {}).get("min_pitch_prob", 0.0))
     if roll_thresholds:
       self.roll_thresholds = dict(self.roll_thresholds or {}, **roll_thresholds)
+    # Stage 1 of the hierarchy only: a pitch written with a lower probability closes its onset and its
+    # note is left out. Flatten decodes greedily whatever its config says.
+    self.min_pitch_prob = (float(config.get("decode", {}).get("min_pitch_prob", 0.0))
+                           if self.stage == "onset_pitch" else 0.0)
     self.model = transcriber.build_model(config)
     self.variables = {k: v for k, v in (variables or {}).items() if v}
     self.frames_per_second = type(self.model.encoder).FRAMES_PER_SECOND
@@ -189,9 +191,7 @@ class StageModel:
     """Free decoding (onset_pitch, flatten) of the first `rows` of `features`: (int32 tokens, float32 token
     probabilities), each [rows, max_len]. `carriable`: bool [batch, NUM_PITCHES], the pitches each row may
     list as carried in (`decode.free_run`)."""
-    # The unsure-note rule is stage 1's (hierarchy); flatten decodes greedily whatever its config says.
-    min_pitch_prob = self.min_pitch_prob if self.stage == "onset_pitch" else 0.0
-    tokens, probs = self._decode(self.variables["params"], features, carriable, min_pitch_prob)
+    tokens, probs = self._decode(self.variables["params"], features, carriable, self.min_pitch_prob)
     return np.asarray(tokens)[:rows], np.asarray(probs)[:rows]
 
   @property
