@@ -137,10 +137,11 @@ def get_config(arg=None):
   c.decoder.time_init = False
   # Share of each attention head's features that RoPE rotates (1.0: all, the paper's decoder).
   c.decoder.rope_fraction = 1.0
-  # Rotary positions in time (prefix frames at their start, tokens at the latest time token)
-  # instead of sequence indices; prefix conditioning. False: the paper's positions. An
-  # ablation: on the CPU recipe it learnt faster for ~1000 steps, then fell behind (docs/design.md).
-  c.decoder.rope_time = False
+  # Share (0-1) of the rotated features whose rotary positions are times (prefix frames at
+  # their start, tokens at the latest time token) instead of sequence indices; prefix
+  # conditioning. 0: the paper's positions. 1 (all) learnt faster on the CPU recipe for ~1000
+  # steps, then fell behind (docs/design.md).
+  c.decoder.rope_time = 0.0
 
   # --- decoding -----------------------------------------------------------
   c.decode = ml_collections.ConfigDict()

@@ -16,10 +16,11 @@ MAX_LEN = 40
 
 @functools.cache
 def _model(stage, conditioning, dtype="float32"):
-  """conditioning: "prefix", "cross", or "prefix-time" (prefix with `decoder.rope_time`)."""
+  """conditioning: "prefix", "cross", or "prefix-time" (prefix with half the rotary features on
+  time positions, `decoder.rope_time=0.5`)."""
   from conftest import load_base_config
   config = load_base_config().get_config(f"{stage},runlocal,conditioning={conditioning.split('-')[0]}")
-  config.decoder.rope_time = conditioning == "prefix-time"
+  config.decoder.rope_time = 0.5 if conditioning == "prefix-time" else 0.0
   config.data.max_tokens = MAX_LEN
   config.train.dtype = dtype
   model = transcriber.build_model(config)

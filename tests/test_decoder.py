@@ -134,14 +134,19 @@ def test_rope_scores_depend_only_on_position_difference():
 
 
 def test_partial_rope_rotates_only_the_first_features():
-  # rotary_dims=2 of 4: only (x0, x1) turn, by position * 1e4**0 = 1 rad per position; x2, x3 pass.
+  # One group of 2 of 4 features: only (x0, x1) turn, by position * 1e4**0 = 1 rad per position; x2, x3 pass.
   x = jnp.array([1.0, 0.0, 0.5, -2.0]).reshape(1, 1, 1, 4)
-  np.testing.assert_allclose(dec.apply_rope(x, jnp.array([2]), rotary_dims=2)[0, 0, 0],
+  np.testing.assert_allclose(dec.rotate(x, (jnp.array([2]),), (2,))[0, 0, 0],
                              [np.cos(2), np.sin(2), 0.5, -2.0], atol=1e-6)
-  # The rotated part uses its own width for the frequencies: pair 1 of 4 rotary dims turns by 1e4**(-1/2).
+  # A group uses its own width for the frequencies: pair 1 of a 4-feature group turns by 1e4**(-1/2).
   y = jnp.zeros((1, 1, 1, 6)).at[..., 2].set(1.0)
-  np.testing.assert_allclose(dec.apply_rope(y, jnp.array([3]), rotary_dims=4)[0, 0, 0],
+  np.testing.assert_allclose(dec.rotate(y, (jnp.array([3]),), (4,))[0, 0, 0],
                              [0, 0, np.cos(0.03), np.sin(0.03), 0, 0], atol=1e-6)
+  # Two groups of 2 (time, then sequence positions) with their own positions: (x0, x1) by 5 rad,
+  # (x2, x3) by 7 rad (each group's first pair has frequency 1), x4, x5 pass.
+  z = jnp.array([1.0, 0.0, 0.0, 1.0, 3.0, 4.0]).reshape(1, 1, 1, 6)
+  np.testing.assert_allclose(dec.rotate(z, (jnp.array([[5.0]]), jnp.array([7])), (2, 2))[0, 0, 0],
+                             [np.cos(5), np.sin(5), -np.sin(7), np.cos(7), 3.0, 4.0], atol=1e-6)
   assert [dec.rotary_dims(32, f) for f in (1.0, 0.5, 0.25, 0.0)] == [32, 16, 8, 0]
   assert dec.rotary_dims(8, 0.3) == 2  # 2.4 features -> one pair
   with pytest.raises(ValueError, match="rope_fraction"):
@@ -231,18 +236,20 @@ def test_token_times_carry_the_latest_time_token():
   assert positions.shape == (2, 10) and positions.dtype == jnp.float32
 
 
-def _time_rope_model(**kw):
-  # Ids 8..607 are times: about half of `_inputs`' random tokens.
-  return _model(time_tokens=(8, 600, 0.5), rope_time=True, rope_fraction=0.5, **kw)
+def _time_rope_model(share=1.0, **kw):
+  # Ids 8..607 are times: about half of `_inputs`' random tokens. Heads of 16 features, 8 rotated:
+  # share 0.5 turns 4 by times and 4 by sequence indices.
+  return _model(time_tokens=(8, 600, 0.5), rope_time=share, rope_fraction=0.5, **kw)
 
 
-def test_cached_decoding_matches_full_forward_with_time_rope():
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_cached_decoding_matches_full_forward_with_time_rope(share):
   # Chunks of 1, 2 and 4 tokens carry the time reached across decode calls.
   tokens, audio = _inputs()
-  cached, full = _cached_vs_full(_time_rope_model(), tokens, audio, chunks=(1, 2, 1, 4, 4))
+  cached, full = _cached_vs_full(_time_rope_model(share), tokens, audio, chunks=(1, 2, 1, 4, 4))
   np.testing.assert_allclose(cached, full, atol=1e-4)
   # The same parameters with sequence positions give other logits.
-  params = _time_rope_model().init(jax.random.key(1), tokens, audio)["params"]
+  params = _time_rope_model(share).init(jax.random.key(1), tokens, audio)["params"]
   other = _model(time_tokens=(8, 600, 0.5), rope_fraction=0.5).apply({"params": params}, tokens, audio)
   assert np.abs(np.asarray(other) - np.asarray(full)).max() > 1e-3
 
@@ -290,6 +297,8 @@ def test_bad_input_raises_clear_errors():
   with pytest.raises(ValueError, match="max_len"):
     _model().init(jax.random.key(0), jnp.zeros((1, MAX_LEN + 1), jnp.int32), audio)
   with pytest.raises(ValueError, match="rope_time needs Decoder.time_tokens"):
-    _model(rope_time=True).init(jax.random.key(0), tokens, audio)
+    _model(rope_time=1.0).init(jax.random.key(0), tokens, audio)
+  with pytest.raises(ValueError, match="rope_time must be a share"):
+    _model(time_tokens=(8, 3, 0.5), rope_time=1.5).init(jax.random.key(0), tokens, audio)
   with pytest.raises(ValueError, match="rope_time aligns"):
-    _model("cross", time_tokens=(8, 3, 0.5), rope_time=True).init(jax.random.key(0), tokens, audio)
+    _model("cross", time_tokens=(8, 3, 0.5), rope_time=0.5).init(jax.random.key(0), tokens, audio)

@@ -70,8 +70,9 @@ def test_time_init_maps_10ms_time_tokens_to_pooled_prefix_frames(encoder, per_to
   assert not decoder.time_init and not decoder.rope_time
   del config.decoder["time_init"], config.decoder["rope_time"]  # a config.json saved before the options existed
   assert not transcriber.build_decoder(config).time_init
+  # rope_time was a switch before it became a share: a saved True means every rotated feature.
   config.decoder.time_init = config.decoder.rope_time = True
-  assert transcriber.build_decoder(config).time_init and transcriber.build_decoder(config).rope_time
+  assert transcriber.build_decoder(config).time_init and transcriber.build_decoder(config).rope_time == 1.0
 
 
 @pytest.mark.parametrize("arg", ["encoder,runlocal", "encoder,encoder=hppnet,runlocal", "onset_pitch,runlocal",

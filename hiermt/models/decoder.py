@@ -13,8 +13,9 @@ decoder in one of two ways (`conditioning`):
   rotates note tokens only: token t sits at rotary position t and every prefix
   frame at rotary position 0 (an identity rotation); the prefix order is carried
   by the sinusoidal encoding. Logits and the loss cover token positions only.
-  With `rope_time` every position is a time instead: a prefix frame's rotary
-  position is its start and a token's the time its sequence has reached.
+  `rope_time` gives a share of the rotated features times instead: there a
+  prefix frame's rotary position is its start and a token's the time its
+  sequence has reached.
 * `"cross"` (the official code): self-attention, SwiGLU, cross-attention to the
   projected audio (RoPE on queries only, no mask), a second SwiGLU. The audio is
   `Dense(dim)(features) + Dense(dim)(64-d sinusoidal positions)`.
@@ -124,21 +125,17 @@ def time_positions(tokens: jax.Array, num_prefix: int, time_tokens: tuple, start
   return jnp.concatenate([jnp.broadcast_to(frames, (tokens.shape[0], num_prefix)), times], axis=1)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, rotary_dims: int | None = None) -> jax.Array:
-  """Rotates adjacent feature pairs (x[2i], x[2i+1]) by position * ROPE_BASE**(-2i/d).
+def apply_rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+  """Rotates adjacent feature pairs (x[2i], x[2i+1]) by position * ROPE_BASE**(-2i/d), d = x's last axis.
 
   Args:
-    x: `[batch, length, heads, head_dim]`, head_dim even.
+    x: `[batch, length, heads, d]`, d even.
     positions: rotary positions, `[length]` (shared by the batch) or `[batch, length]`.
-    rotary_dims: rotate only the first `rotary_dims` features (even; d = rotary_dims),
-      passing the others through, as GPT-NeoX's partial rotary does. None: all of them.
 
   Returns:
     The rotated array, same shape and dtype as `x`.
   """
   head_dim = x.shape[-1]
-  if rotary_dims is not None and rotary_dims < head_dim:
-    return jnp.concatenate([apply_rope(x[..., :rotary_dims], positions), x[..., rotary_dims:]], axis=-1)
   inv_freq = ROPE_BASE ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [head_dim/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(batch,) length, head_dim/2]
   cos = jnp.cos(angles)[..., None, :]  # [(batch,) length, 1, head_dim/2]
@@ -154,6 +151,23 @@ def rotary_dims(head_dim: int, fraction: float) -> int:
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"Decoder.rope_fraction must be in [0, 1], got {fraction}")
   return 2 * int(round(head_dim * fraction / 2))
+
+
+def rotate(x: jax.Array, rotations: tuple, dims: tuple) -> jax.Array:
+  """RoPE in groups: feature group g (`dims[g]` features, in order) turns by `rotations[g]`'s
+  positions (`apply_rope`, each group its own set of frequencies); features after the
+  groups pass through, as in GPT-NeoX's partial rotary.
+
+  Args:
+    x: `[batch, length, heads, head_dim]`.
+    rotations: one array of rotary positions per group, each `[length]` or `[batch, length]`.
+    dims: even feature counts per group, summing to at most head_dim.
+  """
+  parts, start = [], 0
+  for positions, width in zip(rotations, dims, strict=True):
+    parts.append(apply_rope(x[..., start:start + width], positions))
+    start += width
+  return jnp.concatenate(parts + [x[..., start:]], axis=-1)
 
 
 def _pool_time(x: jax.Array, factor: int) -> jax.Array:
@@ -233,23 +247,23 @@ class Attention(nn.Module):
   cache_len: int | None
   dtype: Any
   param_dtype: Any
-  rotary_dims: int | None = None  # features per head that RoPE rotates (None: all)
+  rotary_dims: tuple = ()  # features per head in each rotary group (`rotate`)
 
   @nn.compact
-  def __call__(self, x, positions, rope_positions, memory=None):
-    """x `[batch, n, dim]`; positions `[n]`; rope_positions `[n]` or `[batch, n]`;
-    memory `[batch, frames, dim]` or None."""
+  def __call__(self, x, positions, rotations, memory=None):
+    """x `[batch, n, dim]`; positions `[n]`; rotations: each rotary group's positions, `[n]`
+    or `[batch, n]`; memory `[batch, frames, dim]` or None."""
     dim = x.shape[-1]
     proj = functools.partial(
         nn.DenseGeneral, features=(self.num_heads, dim // self.num_heads), use_bias=False,
         dtype=self.dtype, param_dtype=self.param_dtype)
-    q = apply_rope(rowwise(proj(name="query"), x), rope_positions, self.rotary_dims)  # [batch, n, heads, head_dim]
+    q = rotate(rowwise(proj(name="query"), x), rotations, self.rotary_dims)  # [batch, n, heads, head_dim]
     if self.cross:
       if memory is not None:
         k = rowwise(proj(name="key"), memory)  # [batch, frames, heads, head_dim]
         v = rowwise(proj(name="value"), memory)
     else:
-      k = apply_rope(rowwise(proj(name="key"), x), rope_positions, self.rotary_dims)  # [batch, n, heads, head_dim]
+      k = rotate(rowwise(proj(name="key"), x), rotations, self.rotary_dims)  # [batch, n, heads, head_dim]
       v = rowwise(proj(name="value"), x)
     if self.decode:
       if self.cross:
@@ -288,21 +302,21 @@ class Block(nn.Module):
   cache_len: int | None
   dtype: Any
   param_dtype: Any
-  rotary_dims: int | None = None  # features per head that RoPE rotates (None: all)
+  rotary_dims: tuple = ()  # features per head in each rotary group (`rotate`)
 
   @nn.compact
-  def __call__(self, x, positions, rope_positions, memory):
+  def __call__(self, x, positions, rotations, memory):
     """x `[batch, n, dim]` -> `[batch, n, dim]`."""
     norm = functools.partial(nn.RMSNorm, epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
     attention_layer = functools.partial(
         Attention, self.num_heads, decode=self.decode, prefill=self.prefill, cache_len=self.cache_len,
         dtype=self.dtype, param_dtype=self.param_dtype, rotary_dims=self.rotary_dims)
     mlp = functools.partial(SwiGLU, swiglu_hidden(x.shape[-1]), dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + attention_layer(cross=False, name="self_attn")(norm(name="attn_norm")(x), positions, rope_positions)
+    x = x + attention_layer(cross=False, name="self_attn")(norm(name="attn_norm")(x), positions, rotations)
     x = x + mlp(name="mlp")(norm(name="mlp_norm")(x))
     if self.cross:
       x = x + attention_layer(cross=True, name="cross_attn")(
-          norm(name="cross_norm")(x), positions, rope_positions, memory)
+          norm(name="cross_norm")(x), positions, rotations, memory)
       x = x + mlp(name="cross_mlp")(norm(name="cross_mlp_norm")(x))
     return x
 
@@ -327,11 +341,13 @@ class Decoder(nn.Module):
       sinusoidal position code of the prefix frame it names (frame i x frames per
       token), scaled by TIME_CODE_SCALE: naming a time and attending to its frame
       start aligned instead of being learnt from scratch (prefix conditioning).
-    rope_time: rotary positions are times in time-token steps, not sequence indices
-      (prefix conditioning): prefix frame f sits at f / (frames per token), each token
-      at the time its sequence has reached (`token_times`). A query then meets the
-      prefix at its offset in time from the notes written so far, the relation a
-      rotary head learns directly; tokens of one time share a position.
+    rope_time: share (0-1) of the rotated features whose rotary positions are times in
+      time-token steps instead of sequence indices (prefix conditioning): prefix frame f
+      sits at f / (frames per token), each token at the time its sequence has reached
+      (`token_times`). A query then meets the prefix at its offset in time from the notes
+      written so far, the relation a rotary head learns directly; tokens of one time
+      share a time position, so the rest of the rotated features (sequence indices, the
+      prefix at 0) keep the order among tokens. 0: sequence indices only (the paper's).
   """
   vocab_size: int
   num_layers: int
@@ -346,7 +362,7 @@ class Decoder(nn.Module):
   rope_fraction: float = 1.0
   time_tokens: tuple | None = None
   time_init: bool = False
-  rope_time: bool = False
+  rope_time: float = 0.0
 
   def _check(self):
     if self.conditioning not in CONDITIONINGS:
@@ -356,6 +372,8 @@ class Decoder(nn.Module):
                        "(RoPE rotates feature pairs)")
     if self.prefix_pool < 1:
       raise ValueError(f"Decoder.prefix_pool must be >= 1, got {self.prefix_pool}")
+    if not 0.0 <= self.rope_time <= 1.0:
+      raise ValueError(f"Decoder.rope_time must be a share in [0, 1], got {self.rope_time}")
     for option in ("time_init", "rope_time"):
       if getattr(self, option) and self.time_tokens is None:
         raise ValueError(f"Decoder.{option} needs Decoder.time_tokens (the time tokens' ids and frame rate)")
@@ -420,25 +438,30 @@ class Decoder(nn.Module):
     else:
       positions = jnp.arange(length)
       prefix_slots = num_prefix
-    if self.rope_time:
+    rotary = rotary_dims(self.dim // self.num_heads, self.rope_fraction)
+    time_dims = 2 * int(round(rotary * self.rope_time / 2))
+    # Feature groups: times first, then sequence indices (prefix frames at rotary position 0).
+    rotations, dims = [], []
+    if time_dims:
       time_start = jnp.zeros(tokens.shape[:1], jnp.int32)  # [batch]
       if decode:
         reached = self.variable("cache", "time_reached", jnp.zeros, tokens.shape[:1], jnp.int32)
         time_start = time_start if prefill else reached.value
-      rope_positions = time_positions(tokens, num_prefix, self.time_tokens, time_start)  # [batch, length]
+      rotations.append(time_positions(tokens, num_prefix, self.time_tokens, time_start))  # [batch, length]
+      dims.append(time_dims)
       if decode:
-        reached.value = rope_positions[:, -1].astype(jnp.int32)
-    else:
-      rope_positions = jnp.maximum(positions - prefix_slots, 0)  # [length]: prefix frames at rotary position 0
+        reached.value = rotations[0][:, -1].astype(jnp.int32)
+    if rotary > time_dims:
+      rotations.append(jnp.maximum(positions - prefix_slots, 0))  # [length]
+      dims.append(rotary - time_dims)
     # Only needed when the cache is created, i.e. on the prefill; whole chunks for `attention.attend_cache`.
     cache_len = -(-(num_prefix + self.max_len) // attention.KEY_CHUNK) * attention.KEY_CHUNK if prefill else None
 
     block = nn.remat(Block) if self.remat and not decode else Block
-    rotary = rotary_dims(self.dim // self.num_heads, self.rope_fraction)
     for i in range(self.num_layers):
       x = block(self.num_heads, cross=not prefix, decode=decode, prefill=prefill, cache_len=cache_len,
-                dtype=self.dtype, param_dtype=self.param_dtype, rotary_dims=rotary,
-                name=f"block_{i}")(x, positions, rope_positions, memory)
+                dtype=self.dtype, param_dtype=self.param_dtype, rotary_dims=tuple(dims),
+                name=f"block_{i}")(x, positions, tuple(rotations), memory)
     x = nn.RMSNorm(epsilon=RMS_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     x = x[:, num_prefix:]  # [batch, n, dim]: logits for note tokens only
     head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=head_init, dtype=self.dtype,

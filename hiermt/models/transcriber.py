@@ -112,7 +112,7 @@ def build_decoder(config) -> decoder_lib.Decoder:
       vocab_size=vocabulary.VOCAB_SIZE, num_layers=d.num_layers, num_heads=d.num_heads, dim=d.dim,
       max_len=config.data.max_tokens, conditioning=d.conditioning, prefix_pool=d.prefix_pool,
       dtype=compute_dtype(config), remat=config.train.remat, time_tokens=time_tokens,
-      time_init=d.get("time_init", False), rope_time=d.get("rope_time", False),
+      time_init=d.get("time_init", False), rope_time=float(d.get("rope_time", 0.0)),
       rope_fraction=d.get("rope_fraction", 1.0))
 
 
