@@ -387,8 +387,9 @@ def jitted(model, stage: str, max_len: int, stop_at_eos: bool = True):
 
   Returns `fn(params, features[, carriable[, min_pitch_prob]]) -> (tokens, probs)` for free
   stages (see `free_run` for `carriable`, `min_pitch_prob` and `stop_at_eos`) and
-  `fn(params, features, on_tokens, pitch_tokens, num_notes) -> answers` for forced ones. The weights are cast to the model's compute
-  dtype once per call, before the loop (`weights_in_compute_dtype`).
+  `fn(params, features, on_tokens, pitch_tokens, num_notes) -> answers` for forced ones. The
+  weights are cast to the model's compute dtype once per call, before the loop
+  (`weights_in_compute_dtype`).
   """
   if stage in FREE_STAGES:
     run = functools.partial(free_run, model, stage, max_len, stop_at_eos=stop_at_eos)

@@ -439,7 +439,7 @@ class Decoder(nn.Module):
       positions = jnp.arange(length)
       prefix_slots = num_prefix
     rotary = rotary_dims(self.dim // self.num_heads, self.rope_fraction)
-    time_dims = 2 * int(round(rotary * self.rope_time / 2))
+    time_dims = rotary_dims(rotary, self.rope_time)  # the same even rounding, of the rotated features
     # Feature groups: times first, then sequence indices (prefix frames at rotary position 0).
     rotations, dims = [], []
     if time_dims:
@@ -447,10 +447,11 @@ class Decoder(nn.Module):
       if decode:
         reached = self.variable("cache", "time_reached", jnp.zeros, tokens.shape[:1], jnp.int32)
         time_start = time_start if prefill else reached.value
-      rotations.append(time_positions(tokens, num_prefix, self.time_tokens, time_start))  # [batch, length]
+      times = time_positions(tokens, num_prefix, self.time_tokens, time_start)  # [batch, length]
+      rotations.append(times)
       dims.append(time_dims)
       if decode:
-        reached.value = rotations[0][:, -1].astype(jnp.int32)
+        reached.value = times[:, -1].astype(jnp.int32)
     if rotary > time_dims:
       rotations.append(jnp.maximum(positions - prefix_slots, 0))  # [length]
       dims.append(rotary - time_dims)
