@@ -80,8 +80,9 @@ class Preset:
 # (Hierarchy On F1 0.259 at 0, 0.354 / 0.387 / 0.386 at 0.6 / 0.7 / 0.8; docs/design.md).
 # decoder.rope_time 0.5: half the rotated features on time positions; onset_pitch at step 2341,
 # 6 validation pieces: On F1 0.375 against 0.294 greedy, 0.448 against 0.412 at 0.7 (docs/design.md).
-# LM-stage validation on 6 pieces of up to 90 s (269 s of audio): 5-8 s a pass on the micro
-# decoder; one 20 s piece kept worse checkpoints than the latest (docs/design.md).
+# LM-stage validation on 6 pieces of up to 90 s (whole in the rendered corpus, 269 s of audio):
+# 5-8 s a pass on the micro decoder; one 20 s piece kept worse checkpoints than the latest
+# (docs/design.md).
 PRESETS = {
     "cpu": Preset(
         options="size=micro",
@@ -94,8 +95,7 @@ PRESETS = {
                    "data.worker_count": 1, "data.max_tokens": 768},
         # The encoder is convolutional and recurrent: 4 s crops train it at 2.5x less cost per
         # crop than the 10 s segments the decoder needs.
-        # The encoder calibrates its Roll thresholds on 3 validation pieces x 20 s (a sweep per
-        # pass); the LM stages are judged on 6 pieces of up to 90 s, whole in the rendered corpus.
+        # The encoder validates on 3 pieces x 20 s: each pass also sweeps its Roll thresholds.
         stage_overrides={"encoder": {"data.segment_seconds": 4.0, "train.warmup_steps": 0, "train.eval_pieces": 3,
                                      "train.eval_seconds": 20.0},
                          "onset_pitch": {"data.max_tokens": 512},
