@@ -167,6 +167,9 @@ def get_config(arg=None):
   c.train.decay_every = 10_000  # step decay: multiply the lr by decay_rate every decay_every steps
   c.train.decay_rate = 0.9
   c.train.grad_clip = 1.0  # global-norm clipping; 0 = none
+  # Validate, keep and transcribe with an exponential moving average of the parameters (decay per
+  # step, ramped up over a stage's first steps: hiermt/train.py `ema_update`); 0: the raw ones.
+  c.train.ema_decay = 0.0
   if stage == "encoder":
     c.train.update(ENCODER_RECIPES[opts["encoder"]])
   # LM stages over a frozen encoder: encode this many training crops once and train the decoder on

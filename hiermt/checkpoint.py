@@ -92,8 +92,17 @@ def restore_latest(manager, abstract_state):
   step = manager.latest_step()
   if step is None:
     return None, 0
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  return restored["state"], step
+  with ocp.StandardCheckpointer() as checkpointer, _quiet_item_metadata():
+    saved = checkpointer.metadata(os.path.join(manager.directory, str(step), "state")).item_metadata
+  # A train-state field that is empty unless its option is on (`ema_params`) is absent from
+  # checkpoints written before it existed: restore the others and keep it empty.
+  is_dataclass = dataclasses.is_dataclass(abstract_state)
+  parts = ({f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+           if is_dataclass else dict(abstract_state))
+  absent = {name: part for name, part in parts.items() if name not in saved and not jax.tree.leaves(part)}
+  target = {name: part for name, part in parts.items() if name not in absent}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  return (abstract_state.replace(**restored) if is_dataclass else {**restored, **absent}), step
 
 
 def _flat_shapes(tree):
@@ -253,10 +262,18 @@ class MismatchError(ValueError):
   """A checkpoint's variables do not have the shapes this config's model needs."""
 
 
+def _weights_source(saved, collection):
+  """The saved state's entry that `collection` is read from: "params" stands for the weights a
+  stage is used with, its parameters' moving average (`ema_params`) when its run kept one."""
+  ema = saved.get("ema_params") if hasattr(saved, "get") else None
+  return "ema_params" if collection == "params" and ema is not None and jax.tree.leaves(ema) else collection
+
+
 def _restore_subtrees(path, subtrees, like=None):
   """Restores only `subtrees` ({collection: key path, () for all of it}) of the state saved at `path`.
 
-  Nothing else (optimizer state, other subtrees) is read.
+  Nothing else (optimizer state, other subtrees) is read. "params" reads the
+  moving average of the parameters instead when the run kept one (`_weights_source`).
 
   Args:
     path: a checkpoint's `state` item folder.
@@ -275,8 +292,9 @@ def _restore_subtrees(path, subtrees, like=None):
       saved = checkpointer.metadata(path).item_metadata
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {}
+    sources = {collection: _weights_source(saved, collection) for collection in subtrees}
     for collection, keys in subtrees.items():
-      node = saved.get(collection) if hasattr(saved, "get") else None
+      node = saved.get(sources[collection]) if hasattr(saved, "get") else None
       for key in keys:
         node = node.get(key) if hasattr(node, "get") else None
       want = (like or {}).get(collection)
@@ -297,7 +315,7 @@ def _restore_subtrees(path, subtrees, like=None):
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), want)
       for key in reversed(keys):
         abstract = {key: abstract}
-      target[collection] = abstract
+      target[sources[collection]] = abstract
     restored = {}
     if target:
       with ocp.PyTreeCheckpointer() as checkpointer:
@@ -305,7 +323,7 @@ def _restore_subtrees(path, subtrees, like=None):
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
   out = {}
   for collection, keys in subtrees.items():
-    node = restored.get(collection, {})
+    node = restored.get(sources[collection], {})
     for key in keys:
       node = node.get(key, {})
     out[collection] = node

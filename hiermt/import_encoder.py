@@ -182,7 +182,8 @@ def import_kong_crnn(loaded, workdir, config) -> list[str]:
   model = transcriber.build_model(config)
   mesh = partitioning.make_mesh(1, jax.devices()[:1])
   fresh, _ = train.create_state(model, config, train.make_optimizer(config), mesh, jax.random.key(config.seed))
-  imported = fresh.replace(params={"encoder": variables["params"]}, batch_stats={"encoder": variables["batch_stats"]})
+  imported = fresh.replace(params={"encoder": variables["params"]}, batch_stats={"encoder": variables["batch_stats"]},
+                           ema_params={"encoder": variables["params"]} if fresh.ema_params else {})
   if jax.tree.structure(imported.params) != jax.tree.structure(fresh.params):
     raise ValueError("the imported parameters do not fit the encoder stage's model tree")
   checkpoint.write_stage(checkpoint.stage_dir(workdir, "encoder"), config, imported)

@@ -44,10 +44,34 @@ from hiermt.models import transcriber
 
 @flax.struct.dataclass
 class TrainState:
+  """step, parameters, BatchNorm statistics, optimiser state and, with `train.ema_decay` > 0, the
+  parameters' exponential moving average (`ema_params`; {} without it)."""
   step: jax.Array
   params: dict
   batch_stats: dict
   opt_state: optax.OptState
+  ema_params: dict = dataclasses.field(default_factory=dict)
+
+  def weights(self):
+    """The parameters this state is validated and transcribed with: the moving average when it has one."""
+    return self.ema_params or self.params
+
+
+# The moving average's decay ramps up as min(decay, t / (t + EMA_RAMP)) at step t: the first
+# update copies the parameters, and a short stage averages over its own length, not over its start.
+EMA_RAMP = 10.0
+
+
+def ema_update(ema, params, step, decay):
+  """The moving average after the update that produced `params` at step `step` (0-based):
+  d * ema + (1 - d) * params with d = min(decay, step / (step + EMA_RAMP)).
+
+  Written as ema + (1 - d) (params - ema), so that a parameter that does not move (a frozen
+  encoder) keeps its exact value in the average.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(decay, step / (step + EMA_RAMP))
+  return jax.tree.map(lambda e, p: (e + (1.0 - d) * (p - e)).astype(e.dtype), ema, params)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -244,12 +268,15 @@ def train_step(model, config, tx, state, batch, rng, mesh=None):
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  if state.ema_params:
+    new_state = new_state.replace(ema_params=ema_update(state.ema_params, params, state.step,
+                                                        config.train.ema_decay))
   return new_state, metrics
 
 
 def eval_step(model, config, state, batch):
   """Teacher-forced loss and metrics on one batch (no dropout, frozen batch statistics)."""
-  loss, (metrics, _) = _forward(model, config, state.params, state.batch_stats, batch, None, False)
+  loss, (metrics, _) = _forward(model, config, state.weights(), state.batch_stats, batch, None, False)
   return dict(metrics, loss=loss)
 
 
@@ -266,13 +293,16 @@ def _example_inputs(config):
 
 def create_state(model, config, tx, mesh, rng):
   """Initialises the train state directly into its shardings (no single-device copy)."""
+  if not 0.0 <= config.train.ema_decay < 1.0:
+    raise ValueError(f"train.ema_decay must be in [0, 1) (0: no moving average), got {config.train.ema_decay}")
   inputs = _example_inputs(config)
 
   def init(rng):
     variables = model.init({"params": rng, "dropout": rng}, *inputs, train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      ema_params=params if config.train.ema_decay > 0 else {})
 
   abstract = jax.eval_shape(init, rng)
   shardings = partitioning.state_shardings(mesh, abstract)
@@ -300,6 +330,8 @@ def init_encoder_from(state, config, workdir, shardings):
     raise ValueError(f"the encoder checkpoint in {source} does not match this config's encoder "
                      f"({config.encoder.name}, width {config.encoder.width}): {e}") from e
   replaced = {c: {**getattr(state, c), "encoder": loaded[c]} for c in like}
+  if state.ema_params:  # its own buffers: the train step donates the state's
+    replaced["ema_params"] = {**state.ema_params, "encoder": jax.tree.map(jnp.copy, loaded["params"])}
   return state.replace(**replaced)
 
 

@@ -141,8 +141,9 @@ class Validator:
     self._passes = 0
 
   def __call__(self, state) -> dict[str, float]:
-    """The stage's metrics (`STAGE_METRICS`) for `state`'s parameters, the same on every process."""
-    replicated = self._replicate({"params": state.params, "batch_stats": state.batch_stats})
+    """The stage's metrics (`STAGE_METRICS`) for `state.weights()` (the parameters' moving average
+    when the run keeps one), the same on every process."""
+    replicated = self._replicate({"params": state.weights(), "batch_stats": state.batch_stats})
     values = np.zeros(len(self.keys), np.float64)
     if self._is_main:
       if not self._passes:

@@ -135,6 +135,38 @@ def test_velocity_stage_trains_only_velocity_slots():
   assert np.all((targets >= vocab.VELOCITY_OFFSET) | (targets == vocab.EOS))
 
 
+
+def test_moving_average_update_ramps_its_decay_up():
+  ema, params = {"w": jnp.float32(2.0)}, {"w": jnp.float32(4.0)}
+  # Step 0: d = 0, the average starts as the parameters; step 10: d = min(0.99, 10 / 20) = 0.5;
+  # step 1000: d = min(0.99, 1000 / 1010) = 0.99.
+  for step, want in ((0, 4.0), (10, 3.0), (1000, 0.99 * 2.0 + 0.01 * 4.0)):
+    np.testing.assert_allclose(train.ema_update(ema, params, step, 0.99)["w"], want, rtol=1e-6)
+  np.testing.assert_allclose(train.ema_update(ema, params, 1000, 0.5)["w"], 3.0, rtol=1e-6)
+  # A parameter that does not move keeps its exact value (a frozen encoder in the average).
+  x = jnp.float32(0.1234567)
+  assert train.ema_update({"w": x}, {"w": x}, 7, 0.99)["w"] == x
+
+
+def test_eval_loss_and_weights_read_the_moving_average():
+  config = load_base_config().get_config("onset_pitch,runlocal")
+  seen = []
+
+  class Recorder:
+    def apply(self, variables, *args, **kwargs):
+      seen.append(variables["params"])
+      return jnp.zeros((1, 3, vocab.VOCAB_SIZE))
+
+  batch = {"tokens": jnp.ones((1, 3), jnp.int32), "loss_mask": jnp.ones((1, 3)), "features": jnp.zeros((1, 4, 8))}
+  raw, average = {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}
+  state = train.TrainState(step=jnp.asarray(0), params=raw, batch_stats={}, opt_state=(), ema_params=average)
+  train.eval_step(Recorder(), config, state, batch)
+  assert seen[-1] is average and state.weights() is average
+  plain = state.replace(ema_params={})
+  train.eval_step(Recorder(), config, plain, batch)
+  assert seen[-1] is raw and plain.weights() is raw
+
+
 def _schedule(arg, **train_fields):
   config = load_base_config().get_config(arg)
   config.train.update(train_fields)

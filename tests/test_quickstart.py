@@ -18,6 +18,8 @@ def test_stage_command_is_an_ordinary_training_command():
   assert flags["encoder.width"] == "0.25" and flags["data.data_dir"] == "/c" and flags["freeze_encoder"] == "True"
   # LM stages are validated on 6 pieces of up to 90 s; the encoder keeps its own 3 x 20 s
   assert flags["train.eval_pieces"] == "6" and flags["train.eval_seconds"] == "90.0"
+  # every stage, the encoder too, is validated and used with its parameters' moving average
+  assert flags["train.ema_decay"] == "0.99"
   crnn = quickstart.stage_command("py", "onset_pitch", "crnn", quickstart.PRESETS["cpu"], "/w", "/c")
   crnn_flags = dict(f.removeprefix("--config.").split("=", 1) for f in crnn[5:])
   # the per-stage override wins over the preset-wide one
@@ -26,6 +28,7 @@ def test_stage_command_is_an_ordinary_training_command():
   encoder = quickstart.stage_command("py", "encoder", "crnn", quickstart.PRESETS["cpu"], "/w", "/c")
   assert "--config.data.segment_seconds=4.0" in encoder and "--config.train.warmup_steps=0" in encoder
   assert "--config.train.eval_pieces=3" in encoder and "--config.train.eval_seconds=20.0" in encoder
+  assert "--config.train.ema_decay=0.99" in encoder
   gpu = quickstart.stage_command("py", "onset_pitch", "hppnet", quickstart.PRESETS["gpu"], "/w", "/c")
   gpu_flags = dict(f.removeprefix("--config.").split("=", 1) for f in gpu[5:])
   # published width: the config's own encoder.width (1.0) stands

@@ -14,8 +14,11 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
+import flax
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -203,6 +206,56 @@ def test_resume_names_changed_fields_and_refuses_a_changed_model(encoder_run):
   state = train.compile_steps(wider, jax.devices()[:1]).state
   with pytest.raises(ValueError, match=r"(?s)params/encoder.*encoder\.width: 0\.0625 -> 0\.125"):
     checkpoint.check_resume(directory, 3, state, wider)
+
+
+
+def test_moving_average_is_kept_per_step_and_loaded_for_transcription(encoder_run, corpus_cache, tmp_path):
+  """train.ema_decay: each step's checkpoint holds ema = d ema' + (1 - d) params (d = min(decay,
+  t / (t + 10)) at update t: 0, 1/11, 2/12, 3/13 here); loading the stage reads the average; the
+  frozen encoder in it stays the pretrained one exactly."""
+  enc_workdir = encoder_run[1]
+  config = _config("onset_pitch,runlocal", corpus_cache,
+                   **{**LM_OVERRIDES, "train.steps": 4, "train.checkpoint_every": 1, "train.keep_checkpoints": 5,
+                      "train.ema_decay": 0.5, "train.eval_pieces": 0}, init_from=str(enc_workdir / "encoder"))
+  train.run(config, str(tmp_path))
+  stage = tmp_path / "onset_pitch"
+  saved = {}
+  for step in range(1, 5):
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      state = checkpointer.restore(stage / "checkpoints" / str(step) / "state")
+    saved[step] = (state["params"], state["ema_params"])
+  jax.tree.map(lambda got, w: np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7), saved[1][1], saved[1][0])  # d = 0
+  for step, d in ((2, 1 / 11), (3, 2 / 12), (4, 3 / 13)):
+    want = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * p, saved[step - 1][1], saved[step][0])
+    jax.tree.map(lambda got, w: np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-7), saved[step][1], want)
+  assert not np.allclose(saved[4][1]["decoder"]["head"]["kernel"], saved[4][0]["decoder"]["head"]["kernel"])
+  loaded, _ = checkpoint.load_variables(str(stage), "", "latest")
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded["params"]), saved[4][1])
+  pretrained = checkpoint.load_encoder(str(enc_workdir / "encoder"))["params"]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded["params"]["encoder"]), pretrained)
+
+
+
+@flax.struct.dataclass
+class _StateBeforeMovingAverage:
+  """The train state as checkpoints written before `ema_params` existed hold it."""
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: Any
+
+
+def test_checkpoints_older_than_the_moving_average_still_resume(encoder_run, tmp_path):
+  config = encoder_run[0]
+  c = train.compile_steps(config, jax.devices()[:1])
+  state = c.state.replace(step=jnp.asarray(5, jnp.int32))
+  directory = str(tmp_path / "encoder")
+  checkpoint.write_stage(directory, config, _StateBeforeMovingAverage(state.step, state.params, state.batch_stats,
+                                                                      state.opt_state))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, c.shardings)
+  restored, step = checkpoint.restore_latest(checkpoint.make_manager(directory, config), abstract)
+  assert step == 5 and isinstance(restored, train.TrainState) and restored.ema_params == {}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(state.params))
 
 
 def _children(pid):
