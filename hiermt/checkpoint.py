@@ -92,8 +92,7 @@ def restore_latest(manager, abstract_state):
   step = manager.latest_step()
   if step is None:
     return None, 0
-  with ocp.StandardCheckpointer() as checkpointer, _quiet_item_metadata():
-    saved = checkpointer.metadata(os.path.join(manager.directory, str(step), "state")).item_metadata
+  saved = _saved_tree(os.path.join(manager.directory, str(step), "state"))
   # A train-state field that is empty unless its option is on (`ema_params`) is absent from
   # checkpoints written before it existed: restore the others and keep it empty.
   is_dataclass = dataclasses.is_dataclass(abstract_state)
@@ -144,8 +143,7 @@ def check_resume(directory, step, abstract_state, config):
     changed = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
   path = os.path.join(directory, "checkpoints", str(step), "state")
-  with ocp.StandardCheckpointer() as checkpointer, _quiet_item_metadata():
-    saved = _flat_shapes(checkpointer.metadata(path).item_metadata)
+  saved = _flat_shapes(_saved_tree(path))
   want = _flat_shapes(abstract_state)
   diffs = [f"{k}: checkpoint {saved[k][0] if k in saved else '(absent)'}, "
            f"this config {want[k][0] if k in want else '(absent)'}"
@@ -184,6 +182,12 @@ def _filtered(log_filter):
 
 def _quiet_item_metadata():
   return _filtered(_DropMissingMetadata())
+
+
+def _saved_tree(path):
+  """The tree of array metadata (shapes, dtypes) of the state saved at `path`; no array is read."""
+  with ocp.StandardCheckpointer() as checkpointer, _quiet_item_metadata():
+    return checkpointer.metadata(path).item_metadata
 
 
 def has_checkpoint(directory) -> bool:
@@ -288,8 +292,7 @@ def _restore_subtrees(path, subtrees, like=None):
     MismatchError: `like` and the checkpoint differ, naming the variables.
   """
   with _quiet_item_metadata():
-    with ocp.StandardCheckpointer() as checkpointer:
-      saved = checkpointer.metadata(path).item_metadata
+    saved = _saved_tree(path)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {}
     sources = {collection: _weights_source(saved, collection) for collection in subtrees}

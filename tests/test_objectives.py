@@ -135,7 +135,6 @@ def test_velocity_stage_trains_only_velocity_slots():
   assert np.all((targets >= vocab.VELOCITY_OFFSET) | (targets == vocab.EOS))
 
 
-
 def test_moving_average_update_ramps_its_decay_up():
   ema, params = {"w": jnp.float32(2.0)}, {"w": jnp.float32(4.0)}
   # Step 0: d = 0, the average starts as the parameters; step 10: d = min(0.99, 10 / 20) = 0.5;

@@ -208,7 +208,6 @@ def test_resume_names_changed_fields_and_refuses_a_changed_model(encoder_run):
     checkpoint.check_resume(directory, 3, state, wider)
 
 
-
 def test_moving_average_is_kept_per_step_and_loaded_for_transcription(encoder_run, corpus_cache, tmp_path):
   """train.ema_decay: each step's checkpoint holds ema = d ema' + (1 - d) params (d = min(decay,
   t / (t + 10)) at update t: 0, 1/11, 2/12, 3/13 here); loading the stage reads the average; the
@@ -233,7 +232,6 @@ def test_moving_average_is_kept_per_step_and_loaded_for_transcription(encoder_ru
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded["params"]), saved[4][1])
   pretrained = checkpoint.load_encoder(str(enc_workdir / "encoder"))["params"]
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded["params"]["encoder"]), pretrained)
-
 
 
 @flax.struct.dataclass
