@@ -142,6 +142,10 @@ def get_config(arg=None):
   # conditioning. 0: the paper's positions. 1 (all) learnt faster on the CPU recipe for ~1000
   # steps, then fell behind (docs/design.md).
   c.decoder.rope_time = 0.0
+  # Channels per key of the note reader (hiermt/models/note_reader.py): logit routes from
+  # HPPNet's per-key rolls to the pitch, velocity and time tokens of the key in question.
+  # 0: off, the paper's decoder (and the only choice with the CRNN, whose features are not per key).
+  c.decoder.note_reader = 0
 
   # --- decoding -----------------------------------------------------------
   c.decode = ml_collections.ConfigDict()

@@ -231,7 +231,7 @@ def test_token_times_carry_the_latest_time_token():
   np.testing.assert_array_equal(times, [[0, 1, 1, 1, 2, 0, 0],
                                         [5, 5, 2, 2, 2, 2, 1]])
   # With a 3-frame prefix at 0.5 frames per token, frames sit at times 0, 2, 4.
-  positions = dec.time_positions(tokens, 3, (8, 3, 0.5), jnp.array([0, 5]))
+  positions = dec.time_positions(times, 3, 0.5)
   np.testing.assert_array_equal(positions[1], [0, 2, 4, 5, 5, 2, 2, 2, 2, 1])
   assert positions.shape == (2, 10) and positions.dtype == jnp.float32
 

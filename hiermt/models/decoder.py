@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from hiermt.models import attention
+from hiermt.models import note_reader as note_reader_lib
 
 CONDITIONINGS = ("prefix", "cross")
 ROPE_BASE = 1e4
@@ -104,25 +105,23 @@ def token_times(tokens: jax.Array, first: int, count: int, start: jax.Array) -> 
   return jnp.where(latest >= 0, values, start[:, None]).astype(jnp.int32)
 
 
-def time_positions(tokens: jax.Array, num_prefix: int, time_tokens: tuple, start: jax.Array) -> jax.Array:
+def time_positions(times: jax.Array, num_prefix: int, frames_per_token: float) -> jax.Array:
   """`Decoder.rope_time`'s rotary positions of `[prefix; tokens]`, in time-token steps.
 
   Prefix frame f sits at its start, f / (prefix frames per token); each token at
-  `token_times`.
+  its `token_times` value.
 
   Args:
-    tokens: int `[batch, n]`.
+    times: int `[batch, n]`, `token_times` of the tokens.
     num_prefix: prefix frames before the tokens (0 on decode calls after the prefill).
-    time_tokens: (first id, count, prefix frames per token), as `Decoder.time_tokens`.
-    start: int `[batch]`, the time reached before `tokens`.
+    frames_per_token: prefix frames per time token (`Decoder.time_tokens[2]`).
 
   Returns:
     float32 `[batch, num_prefix + n]`.
   """
-  first, count, frames_per_token = time_tokens
   frames = jnp.arange(num_prefix, dtype=jnp.float32) / frames_per_token  # [num_prefix]
-  times = token_times(tokens, first, count, start).astype(jnp.float32)  # [batch, n]
-  return jnp.concatenate([jnp.broadcast_to(frames, (tokens.shape[0], num_prefix)), times], axis=1)
+  return jnp.concatenate([jnp.broadcast_to(frames, (times.shape[0], num_prefix)), times.astype(jnp.float32)],
+                         axis=1)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -348,6 +347,10 @@ class Decoder(nn.Module):
       written so far, the relation a rotary head learns directly; tokens of one time
       share a time position, so the rest of the rotated features (sequence indices, the
       prefix at 0) keep the order among tokens. 0: sequence indices only (the paper's).
+    note_reader: channels per key of the note reader (`note_reader.NoteReader`: logit routes
+      from a per-key encoder's rolls; needs `time_tokens` and `key_tokens`). 0: off (the paper's).
+    key_tokens, velocity_tokens: (first id, count) of the 88 keys' pitch tokens and of the
+      velocity tokens; needed by `note_reader`.
   """
   vocab_size: int
   num_layers: int
@@ -363,6 +366,9 @@ class Decoder(nn.Module):
   time_tokens: tuple | None = None
   time_init: bool = False
   rope_time: float = 0.0
+  note_reader: int = 0
+  key_tokens: tuple | None = None
+  velocity_tokens: tuple | None = None
 
   def _check(self):
     if self.conditioning not in CONDITIONINGS:
@@ -374,9 +380,15 @@ class Decoder(nn.Module):
       raise ValueError(f"Decoder.prefix_pool must be >= 1, got {self.prefix_pool}")
     if not 0.0 <= self.rope_time <= 1.0:
       raise ValueError(f"Decoder.rope_time must be a share in [0, 1], got {self.rope_time}")
-    for option in ("time_init", "rope_time"):
+    for option in ("time_init", "rope_time", "note_reader"):
       if getattr(self, option) and self.time_tokens is None:
         raise ValueError(f"Decoder.{option} needs Decoder.time_tokens (the time tokens' ids and frame rate)")
+    if self.note_reader < 0:
+      raise ValueError(f"Decoder.note_reader must be >= 0 (channels per key; 0: off), got {self.note_reader}")
+    if self.note_reader and (self.key_tokens is None or self.velocity_tokens is None):
+      raise ValueError("Decoder.note_reader needs Decoder.key_tokens and velocity_tokens (the keys' pitch "
+                       "and the velocities' token ids)")
+    for option in ("time_init", "rope_time"):
       if getattr(self, option) and self.conditioning != "prefix":
         raise ValueError(f"Decoder.{option} aligns time tokens with the audio prefix's frames: it needs "
                          f"conditioning='prefix', got {self.conditioning!r}")
@@ -415,7 +427,15 @@ class Decoder(nn.Module):
       head_init = time_aligned_init(head_init, rows, codes, axis=1)
     x = nn.Embed(self.vocab_size, self.dim, embedding_init=embed_init,
                  dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(tokens)  # [batch, n, dim]
-    memory, num_prefix = None, 0
+    memory, num_prefix, key_states = None, 0, None
+    reader = None
+    if self.note_reader:
+      first, count, frames_per_token = self.time_tokens
+      reader = note_reader_lib.NoteReader(
+          self.note_reader, self.vocab_size, (first, count, frames_per_token * self.prefix_pool), self.key_tokens,
+          self.velocity_tokens, self.dtype, self.param_dtype, name="note_reader")
+      if audio is not None:
+        key_states = reader.states(audio)  # [batch, frames, 88, channels]
     if audio is not None:
       memory = AudioProjection(self.dim, self.conditioning, self.prefix_pool, self.dtype, self.param_dtype,
                                name="audio_proj")(audio)  # [batch, frames', dim]
@@ -440,18 +460,26 @@ class Decoder(nn.Module):
       prefix_slots = num_prefix
     rotary = rotary_dims(self.dim // self.num_heads, self.rope_fraction)
     time_dims = rotary_dims(rotary, self.rope_time)  # the same even rounding, of the rotated features
-    # Feature groups: times first, then sequence indices (prefix frames at rotary position 0).
-    rotations, dims = [], []
-    if time_dims:
+    times = None
+    if time_dims or reader is not None:
       time_start = jnp.zeros(tokens.shape[:1], jnp.int32)  # [batch]
       if decode:
         reached = self.variable("cache", "time_reached", jnp.zeros, tokens.shape[:1], jnp.int32)
         time_start = time_start if prefill else reached.value
-      times = time_positions(tokens, num_prefix, self.time_tokens, time_start)  # [batch, length]
-      rotations.append(times)
-      dims.append(time_dims)
+      times = token_times(tokens, *self.time_tokens[:2], time_start)  # [batch, n]
       if decode:
-        reached.value = times[:, -1].astype(jnp.int32)
+        reached.value = times[:, -1]
+    if reader is not None and decode:
+      # The prefill computes the key states from the audio; later calls read them back.
+      cached_states = self.variable("cache", "key_states", lambda: key_states)
+      if prefill:
+        cached_states.value = key_states
+      key_states = cached_states.value
+    # Feature groups: times first, then sequence indices (prefix frames at rotary position 0).
+    rotations, dims = [], []
+    if time_dims:
+      rotations.append(time_positions(times, num_prefix, self.time_tokens[2]))  # [batch, length]
+      dims.append(time_dims)
     if rotary > time_dims:
       rotations.append(jnp.maximum(positions - prefix_slots, 0))  # [length]
       dims.append(rotary - time_dims)
@@ -467,8 +495,10 @@ class Decoder(nn.Module):
     x = x[:, num_prefix:]  # [batch, n, dim]: logits for note tokens only
     head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=head_init, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="head")
-    logits = rowwise(head, x)  # [batch, n, vocab]
-    return logits.astype(jnp.float32)
+    logits = rowwise(head, x).astype(jnp.float32)  # [batch, n, vocab]
+    if reader is not None:
+      logits = logits + reader(key_states, tokens, times)
+    return logits
 
   @nn.nowrap
   def init_cache(self, audio) -> dict:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from hiermt import notes
 from hiermt import vocabulary
+from hiermt.data import rolls
 from hiermt.models import crnn
 from hiermt.models import decoder as decoder_lib
 from hiermt.models import hppnet
@@ -107,13 +108,19 @@ def build_decoder(config) -> decoder_lib.Decoder:
     raise ValueError(f"config.data.max_tokens must be positive for stage {config.stage!r}")
   frames_per_second = type(build_encoder(config)).FRAMES_PER_SECOND / d.prefix_pool
   time_tokens = (vocabulary.TIME_OFFSET, vocabulary.NUM_TIMES, frames_per_second / notes.STEPS_PER_SECOND)
+  note_reader = d.get("note_reader", 0)
+  if note_reader and config.encoder.name != "hppnet":
+    raise ValueError(f"config.decoder.note_reader reads the encoder's rolls key by key, which only HPPNet's "
+                     f"features are (4 rolls x 88 keys); set it to 0 for encoder {config.encoder.name!r}")
   # .get: options absent from the config.json of stages trained before they existed.
   return decoder_lib.Decoder(
       vocab_size=vocabulary.VOCAB_SIZE, num_layers=d.num_layers, num_heads=d.num_heads, dim=d.dim,
       max_len=config.data.max_tokens, conditioning=d.conditioning, prefix_pool=d.prefix_pool,
       dtype=compute_dtype(config), remat=config.train.remat, time_tokens=time_tokens,
       time_init=d.get("time_init", False), rope_time=float(d.get("rope_time", 0.0)),
-      rope_fraction=d.get("rope_fraction", 1.0))
+      rope_fraction=d.get("rope_fraction", 1.0), note_reader=note_reader,
+      key_tokens=(vocabulary.PITCH_OFFSET + rolls.MIN_PITCH, hppnet.NUM_PITCHES),
+      velocity_tokens=(vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES))
 
 
 def compute_dtype(config) -> Any:

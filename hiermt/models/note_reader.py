@@ -1,0 +1,112 @@
+"""Note reader: direct routes from a per-key encoder's rolls to the decoder's logits.
+
+The decoder sees the audio as prefix frames of 352 features (HPPNet's four
+rolls for each of 88 keys). To describe a note it must find its key in them:
+select the note's frame by attention, then decode one key's values out of the
+whole frame vector, a product of the pitch token and the features that an MLP
+learns slowly. On the CPU recipe the velocity and offset stages had not
+learnt it after ~400 steps (predicted durations uncorrelated with the
+reference; docs/design.md). The reader builds the lookup in:
+
+* key states: two small convolutions along time, shared by all keys, turn
+  each key's rolls into `channels` features per frame, `[batch, frames, 88, C]`;
+* pitch route: at every position, each key's state at the time the sequence has
+  reached (its latest time token) adds a logit to that key's pitch token —
+  which keys start here;
+* note route: at a pitch token, that key's state at that time adds a linear map
+  to every logit (e.g. the `note_sustain` answer), and a quadratic in the
+  velocity, a u + b u^2 for velocity u in [0, 1] with (a, b) read from the state —
+  a bump around -a / 2b when b < 0, so one readout places the velocity;
+* time route: at a pitch token, every time token's logit gets that key's
+  readout at the frame the time names — where the key's note ends; and at
+  every position the strongest key's second readout — where notes start.
+
+Every readout starts at zero, so an initialised decoder is the plain one. The
+decoder stays an autoregressive LM over the whole prefix; the reader only adds
+logits computed from the same features.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NUM_KEYS = 88
+KERNEL_FRAMES = 5  # each convolution sees +-2 frames (+-40 ms at 50 frames per second)
+
+
+def _gather_frames(x: jax.Array, frames: jax.Array) -> jax.Array:
+  """x `[batch, frames, ...]` at each position's frame, frames int `[batch, n]` -> `[batch, n, ...]`."""
+  index = frames.reshape(*frames.shape, *(1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+class NoteReader(nn.Module):
+  """Key states from per-key features, and the logit routes they feed (module docstring).
+
+  Attributes:
+    channels: features per key and frame.
+    vocab_size: logits per position.
+    time_tokens: (first id, count, encoder frames per time token) of the time tokens.
+    key_tokens: (first id, count) of the pitch tokens of the 88 keys, lowest first.
+    velocity_tokens: (first id, count) of the velocity tokens, velocity 0 first.
+  """
+  channels: int
+  vocab_size: int
+  time_tokens: tuple
+  key_tokens: tuple
+  velocity_tokens: tuple
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    conv = functools.partial(nn.Conv, self.channels, (KERNEL_FRAMES, 1), padding="SAME", dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    self.conv_in, self.conv_out = conv(name="conv_in"), conv(name="conv_out")
+    dense = functools.partial(nn.Dense, use_bias=False, kernel_init=nn.initializers.zeros_init(),
+                              dtype=self.dtype, param_dtype=self.param_dtype)
+    self.key_readout = dense(3, name="key_readout")  # per key and frame: starts here, ends here, note starts
+    self.note_readout = dense(self.vocab_size, name="note_readout")
+    self.velocity_readout = dense(2, name="velocity_readout")  # (a, b) of a u + b u^2
+
+  def states(self, features: jax.Array) -> jax.Array:
+    """Encoder features `[batch, frames, 88 * per_key]`, interleaved per key -> `[batch, frames, 88, C]`."""
+    batch, frames, width = features.shape
+    if width % NUM_KEYS:
+      raise ValueError(f"the note reader reads per-key encoder features (88 keys x rolls, e.g. HPPNet's "
+                       f"352); got {width} features per frame. Use decoder.note_reader=0 with this encoder")
+    x = features.astype(self.dtype).reshape(batch, frames, NUM_KEYS, width // NUM_KEYS)  # [batch, frames, 88, rolls]
+    return self.conv_out(nn.silu(self.conv_in(x)))  # [batch, frames, 88, C]
+
+  def __call__(self, states: jax.Array, tokens: jax.Array, times: jax.Array) -> jax.Array:
+    """Logit offsets `[batch, n, vocab]` for tokens `[batch, n]` whose sequence has reached
+    `times` `[batch, n]` (in time-token steps; `decoder.token_times`), given `states`."""
+    time_first, time_count, frames_per_time = self.time_tokens
+    key_first, key_count = self.key_tokens
+    velocity_first, velocity_count = self.velocity_tokens
+    last_frame = states.shape[1] - 1
+    frames = jnp.clip(jnp.floor(times * frames_per_time).astype(jnp.int32), 0, last_frame)  # [batch, n]
+    key = tokens - key_first  # [batch, n]
+    is_key = (key >= 0) & (key < key_count)  # [batch, n]
+    key = jnp.clip(key, 0, key_count - 1)
+
+    readouts = self.key_readout(states)  # [batch, frames, 88, 3]
+    here = _gather_frames(readouts[..., 0], frames)  # [batch, n, 88]
+    note_state = jnp.take_along_axis(_gather_frames(states, frames), key[:, :, None, None], axis=2)[:, :, 0]
+    note_state = jnp.where(is_key[..., None], note_state, 0)  # [batch, n, C]
+    time_frames = jnp.minimum(jnp.floor(jnp.arange(time_count) * frames_per_time).astype(jnp.int32),
+                              last_frame)  # [count]
+    ends = jnp.take_along_axis(readouts[..., 1][:, None], key[:, :, None, None], axis=3)[..., 0]  # [batch, n, frames]
+    ends = jnp.where(is_key[..., None], ends, 0)
+    starts = jnp.max(readouts[..., 2], axis=2)  # [batch, frames]: the strongest key
+    time_bias = (ends + starts[:, None])[:, :, time_frames]  # [batch, n, count]
+
+    u = jnp.arange(velocity_count, dtype=jnp.float32) / (velocity_count - 1)  # [count]
+    velocity_bias = self.velocity_readout(note_state).astype(jnp.float32) @ jnp.stack([u, u * u])  # [batch, n, count]
+
+    bias = self.note_readout(note_state).astype(jnp.float32)  # [batch, n, vocab]
+    bias = bias.at[..., velocity_first:velocity_first + velocity_count].add(velocity_bias)
+    bias = bias.at[..., key_first:key_first + key_count].add(here)
+    return bias.at[..., time_first:time_first + time_count].add(time_bias)

@@ -1,0 +1,123 @@
+"""Tests for the note reader: its three logit routes, its key states, and the decoder with it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from hiermt import vocabulary
+from hiermt.models import decoder as dec
+from hiermt.models import note_reader
+from hiermt.models import transcriber
+
+# A small vocabulary: ids 10..15 are times 0..5 at half a frame per time; 100..187 the 88 keys;
+# 190..194 five velocities, u = 0, 0.25, ..., 1.
+VOCAB, TIMES, KEYS, VELOCITIES = 200, (10, 6, 0.5), (100, 88), (190, 5)
+
+
+def _reader(channels=2):
+  return note_reader.NoteReader(channels, VOCAB, TIMES, KEYS, VELOCITIES)
+
+
+def test_routes_add_hand_computed_logits():
+  # Two channels per key; readouts: start-here = channel 0, ends-here = channel 1,
+  # note-starts = 2 x channel 1. The note readout maps channel 0 to id 150 (x2), channel 1 to 151 (x4);
+  # the velocity readout (a, b) = (channel 0, -2 x channel 1).
+  states = np.zeros((1, 3, 88, 2), np.float32)  # [batch, frames, keys, channels]
+  states[0, 1, 5] = 0.5, 0.25
+  states[0, 2, 5] = 0.0, 1.0
+  states[0, 0, 7] = 0.8, 0.1
+  note = np.zeros((2, VOCAB), np.float32)
+  note[0, 150], note[1, 151] = 2.0, 4.0
+  params = {"key_readout": {"kernel": np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 2.0]], np.float32)},
+            "note_readout": {"kernel": note},
+            "velocity_readout": {"kernel": np.array([[1.0, 0.0], [0.0, -2.0]], np.float32)}}
+  # A time token (time 2), key 5's pitch token, another token; all at time 2, i.e. frame 1.
+  tokens = jnp.array([[12, 105, 3]])
+  bias = np.asarray(_reader().apply({"params": params}, jnp.asarray(states), tokens, jnp.array([[2, 2, 2]])))
+
+  want = np.zeros((1, 3, VOCAB), np.float32)
+  want[0, :, 105] = 0.5  # pitch route: key 5 at frame 1, at every position
+  # Time route, times 0..5 at frames 0, 0, 1, 1, 2, 2: the strongest key's note-start readout
+  # (key 7's 0.2, key 5's 0.5, key 5's 2.0) everywhere ...
+  want[0, :, 10:16] = [0.2, 0.2, 0.5, 0.5, 2.0, 2.0]
+  # ... plus key 5's end readout after its pitch token.
+  want[0, 1, 10:16] += [0.0, 0.0, 0.25, 0.25, 1.0, 1.0]
+  want[0, 1, 150], want[0, 1, 151] = 1.0, 1.0  # note route: key 5's state at frame 1, (0.5, 0.25)
+  want[0, 1, 190:195] = [0.0, 0.09375, 0.125, 0.09375, 0.0]  # 0.5 u - 0.5 u^2: a bump at u = 0.5
+  np.testing.assert_allclose(bias, want, atol=1e-6)
+
+
+def test_key_states_read_each_key_by_its_own_rolls():
+  # Features interleave the 4 rolls per key: key k's are columns 4k..4k+3.
+  reader = _reader(channels=3)
+  features = jax.random.uniform(jax.random.key(0), (1, 20, 352))
+  params = reader.init(jax.random.key(1), features, method=reader.states)["params"]
+  states = reader.apply({"params": params}, features, method=reader.states)
+  assert states.shape == (1, 20, 88, 3)
+  # Key 9 given key 40's rolls gets key 40's states (weights shared by keys); no other key moves.
+  copied = features.at[:, :, 36:40].set(features[:, :, 160:164])
+  moved = reader.apply({"params": params}, copied, method=reader.states)
+  np.testing.assert_allclose(moved[:, :, 9], states[:, :, 40], atol=1e-6)
+  np.testing.assert_array_equal(np.delete(moved, 9, axis=2), np.delete(states, 9, axis=2))
+  # Two 5-frame convolutions: a change at frame 10 reaches frames 6..14 only.
+  nudged = reader.apply({"params": params}, features.at[:, 10].add(1.0), method=reader.states)
+  changed = np.flatnonzero(np.abs(np.asarray(nudged - states)).max(axis=(0, 2, 3)) > 0)
+  np.testing.assert_array_equal(changed, np.arange(6, 15))
+  with pytest.raises(ValueError, match="per-key encoder features"):
+    reader.apply({"params": params}, features[:, :, :300], method=reader.states)
+
+
+def _decoder(**kw):
+  return dec.Decoder(vocab_size=vocabulary.VOCAB_SIZE, num_layers=2, num_heads=4, dim=32, max_len=12, prefix_pool=2,
+                     time_tokens=(vocabulary.TIME_OFFSET, vocabulary.NUM_TIMES, 0.25),
+                     key_tokens=(vocabulary.PITCH_OFFSET + 21, 88),
+                     velocity_tokens=(vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES), **kw)
+
+
+def _inputs():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return (jax.random.randint(k1, (2, 12), 0, vocabulary.VOCAB_SIZE),
+          jax.random.uniform(k2, (2, 30, 352)))  # 30 HPPNet frames, 15 pooled prefix frames
+
+
+def test_a_fresh_reader_leaves_the_decoder_unchanged():
+  tokens, audio = _inputs()
+  params = _decoder(note_reader=8).init(jax.random.key(1), tokens, audio)["params"]
+  with_reader = _decoder(note_reader=8).apply({"params": params}, tokens, audio)
+  plain = {k: v for k, v in params.items() if k != "note_reader"}
+  np.testing.assert_array_equal(with_reader, _decoder().apply({"params": plain}, tokens, audio))
+
+
+def test_cached_decoding_matches_full_forward_with_the_reader():
+  model = _decoder(note_reader=8)
+  tokens, audio = _inputs()
+  params = model.init(jax.random.key(1), tokens, audio)["params"]
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)  # readouts != 0
+  full = model.apply({"params": params}, tokens, audio)
+  cache, out, start = model.init_cache(audio), [], 0
+  for i, size in enumerate((2, 1, 1, 4, 4)):  # the time reached and the key states carry across calls
+    logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, start:start + size],
+                                  audio if i == 0 else None, decode=True, mutable=["cache"])
+    cache, start = mutated["cache"], start + size
+    out.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, atol=1e-4)
+  plain = {k: v for k, v in params.items() if k != "note_reader"}
+  assert np.abs(np.asarray(full - _decoder().apply({"params": plain}, tokens, audio))).max() > 1e-2
+
+
+def test_the_config_maps_the_reader_and_refuses_the_crnn():
+  config = base.get_config("offset,encoder=hppnet,runlocal")
+  assert transcriber.build_decoder(config).note_reader == 0
+  config.decoder.note_reader = 16
+  assert transcriber.build_decoder(config).key_tokens == (vocabulary.PITCH_OFFSET + 21, 88)
+  del config.decoder["note_reader"]  # a config.json saved before the option existed
+  assert transcriber.build_decoder(config).note_reader == 0
+  config = base.get_config("offset,encoder=crnn,runlocal")
+  config.decoder.note_reader = 16
+  with pytest.raises(ValueError, match="only HPPNet"):
+    transcriber.build_decoder(config)
+  with pytest.raises(ValueError, match="key_tokens"):
+    dec.Decoder(vocab_size=10, num_layers=1, num_heads=2, dim=8, max_len=4, time_tokens=(0, 4, 1.0),
+                note_reader=4).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 3, 352)))
