@@ -21,7 +21,8 @@ decoder in one of two ways (`conditioning`):
   `Dense(dim)(features) + Dense(dim)(64-d sinusoidal positions)`.
 
 All audio-side parameters live in the `audio_proj` subtree, so parameter counts
-can leave them out.
+can leave them out. `note_reader` (off by default) adds logits read from a
+per-key encoder's rolls (`note_reader.py`), in the `note_reader` subtree.
 
 Incremental decoding uses the flax `cache` collection: `init_cache` builds it
 (fixed shapes, so the loop fits `lax.while_loop`); the first `decode=True` call
@@ -427,8 +428,8 @@ class Decoder(nn.Module):
       head_init = time_aligned_init(head_init, rows, codes, axis=1)
     x = nn.Embed(self.vocab_size, self.dim, embedding_init=embed_init,
                  dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(tokens)  # [batch, n, dim]
-    memory, num_prefix, key_states = None, 0, None
-    reader = None
+    memory, num_prefix = None, 0
+    reader, key_states = None, None
     if self.note_reader:
       first, count, frames_per_token = self.time_tokens
       reader = note_reader_lib.NoteReader(
