@@ -41,6 +41,7 @@ from hiermt import train
 from hiermt import validation
 from hiermt.data import pipeline
 from hiermt.data import prepare
+from hiermt.models import transcriber
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and stage, e.g. configs/base.py:velocity[,encoder=hppnet][,size=tiny][,runlocal].",
@@ -157,6 +158,12 @@ def main(argv):
   logging.info("host allocator: %s", "tcmalloc" if allocator.tcmalloc_loaded() else
                f"system (install libtcmalloc-minimal4 for faster CPU steps, or {allocator.ENV_SWITCH}=0 is set)")
   config = _CONFIG.value
+  try:
+    # Config values the model refuses (an option for the other encoder, a dtype): one line, not a traceback.
+    transcriber.build_model(config)
+  except ValueError as e:
+    print(f"hiermt.main: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   _train(config, _WORKDIR.value)
   lines = _where_and_next(config, _WORKDIR.value)
   if jax.process_index() == 0:

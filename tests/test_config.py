@@ -58,6 +58,19 @@ def test_cli_names_a_misspelt_stage_or_option_in_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+def test_cli_names_an_option_the_encoder_cannot_serve_in_one_line(tmp_path):
+  # The note reader reads per-key features, which the CRNN (the default encoder) does not have.
+  root = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run([sys.executable, "-m", "hiermt.main", "--config=configs/base.py:offset,runlocal",
+                         f"--workdir={tmp_path}", "--config.decoder.note_reader=16"],
+                        cwd=root, env=dict(os.environ, HIERMT_TCMALLOC="0"), capture_output=True, text=True,
+                        timeout=300)
+  errors = [line for line in proc.stderr.splitlines() if line.strip() and not re.match(r"[IW]\d{4} ", line)]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+  assert errors[0].startswith("hiermt.main: config.decoder.note_reader reads the encoder's rolls key by key")
+  assert errors[0].endswith("set it to 0 for encoder 'crnn'")
+
+
 def test_cli_names_the_untrained_encoder_in_one_line(tmp_path):
   # An LM stage in a workdir without an encoder checkpoint: the error says what to train first.
   root = pathlib.Path(__file__).resolve().parents[1]
