@@ -35,7 +35,9 @@ def test_routes_add_hand_computed_logits():
             "velocity_readout": {"kernel": np.array([[1.0, 0.0], [0.0, -2.0]], np.float32)}}
   # A time token (time 2), key 5's pitch token, another token; all at time 2, i.e. frame 1.
   tokens = jnp.array([[12, 105, 3]])
-  bias = np.asarray(_reader().apply({"params": params}, jnp.asarray(states), tokens, jnp.array([[2, 2, 2]])))
+  reader = _reader()
+  bias = np.asarray(reader.apply({"params": params}, jnp.asarray(states), tokens, jnp.array([[2, 2, 2]]),
+                                 method=lambda r, s, t, times: r(r.maps(s), t, times)))
 
   want = np.zeros((1, 3, VOCAB), np.float32)
   want[0, :, 105] = 0.5  # pitch route: key 5 at frame 1, at every position

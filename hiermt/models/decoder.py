@@ -429,14 +429,14 @@ class Decoder(nn.Module):
     x = nn.Embed(self.vocab_size, self.dim, embedding_init=embed_init,
                  dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(tokens)  # [batch, n, dim]
     memory, num_prefix = None, 0
-    reader, key_states = None, None
+    reader, reader_maps = None, None
     if self.note_reader:
       first, count, frames_per_token = self.time_tokens
       reader = note_reader_lib.NoteReader(
           self.note_reader, self.vocab_size, (first, count, frames_per_token * self.prefix_pool), self.key_tokens,
           self.velocity_tokens, self.dtype, self.param_dtype, name="note_reader")
       if audio is not None:
-        key_states = reader.states(audio)  # [batch, frames, 88, channels]
+        reader_maps = reader.maps(reader.states(audio))  # key states [batch, frames, 88, channels] and readouts
     if audio is not None:
       memory = AudioProjection(self.dim, self.conditioning, self.prefix_pool, self.dtype, self.param_dtype,
                                name="audio_proj")(audio)  # [batch, frames', dim]
@@ -471,11 +471,11 @@ class Decoder(nn.Module):
       if decode:
         reached.value = times[:, -1]
     if reader is not None and decode:
-      # The prefill computes the key states from the audio; later calls read them back.
-      cached_states = self.variable("cache", "key_states", lambda: key_states)
+      # The prefill computes the key states and their readouts from the audio; later calls read them back.
+      cached_maps = self.variable("cache", "note_reader_maps", lambda: reader_maps)
       if prefill:
-        cached_states.value = key_states
-      key_states = cached_states.value
+        cached_maps.value = reader_maps
+      reader_maps = cached_maps.value
     # Feature groups: times first, then sequence indices (prefix frames at rotary position 0).
     rotations, dims = [], []
     if time_dims:
@@ -498,7 +498,7 @@ class Decoder(nn.Module):
                     param_dtype=self.param_dtype, name="head")
     logits = rowwise(head, x).astype(jnp.float32)  # [batch, n, vocab]
     if reader is not None:
-      logits = logits + reader(key_states, tokens, times)
+      logits = logits + reader(reader_maps, tokens, times)
     return logits
 
   @nn.nowrap

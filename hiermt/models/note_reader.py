@@ -80,28 +80,34 @@ class NoteReader(nn.Module):
     x = features.astype(self.dtype).reshape(batch, frames, NUM_KEYS, width // NUM_KEYS)  # [batch, frames, 88, rolls]
     return self.conv_out(nn.silu(self.conv_in(x)))  # [batch, frames, 88, C]
 
-  def __call__(self, states: jax.Array, tokens: jax.Array, times: jax.Array) -> jax.Array:
+  def maps(self, states: jax.Array) -> dict:
+    """What every position reads, computed once per audio (the decode cache keeps it): the key
+    `states` `[batch, frames, 88, C]`, their per-key start and end readouts `keys`
+    `[batch, frames, 88, 2]` and the strongest key's note-start readout `starts` `[batch, frames]`."""
+    readouts = self.key_readout(states)  # [batch, frames, 88, 3]
+    return {"states": states, "keys": readouts[..., :2], "starts": jnp.max(readouts[..., 2], axis=2)}
+
+  def __call__(self, maps: dict, tokens: jax.Array, times: jax.Array) -> jax.Array:
     """Logit offsets `[batch, n, vocab]` for tokens `[batch, n]` whose sequence has reached
-    `times` `[batch, n]` (in time-token steps; `decoder.token_times`), given `states`."""
+    `times` `[batch, n]` (in time-token steps; `decoder.token_times`), given `maps`."""
     time_first, time_count, frames_per_time = self.time_tokens
     key_first, key_count = self.key_tokens
     velocity_first, velocity_count = self.velocity_tokens
+    states, keys = maps["states"], maps["keys"]
     last_frame = states.shape[1] - 1
     frames = jnp.clip(jnp.floor(times * frames_per_time).astype(jnp.int32), 0, last_frame)  # [batch, n]
     key = tokens - key_first  # [batch, n]
     is_key = (key >= 0) & (key < key_count)  # [batch, n]
     key = jnp.clip(key, 0, key_count - 1)
 
-    readouts = self.key_readout(states)  # [batch, frames, 88, 3]
-    here = _gather_frames(readouts[..., 0], frames)  # [batch, n, 88]
+    here = _gather_frames(keys[..., 0], frames)  # [batch, n, 88]
     note_state = jnp.take_along_axis(_gather_frames(states, frames), key[:, :, None, None], axis=2)[:, :, 0]
     note_state = jnp.where(is_key[..., None], note_state, 0)  # [batch, n, C]
     time_frames = jnp.minimum(jnp.floor(jnp.arange(time_count) * frames_per_time).astype(jnp.int32),
                               last_frame)  # [count]
-    ends = jnp.take_along_axis(readouts[..., 1][:, None], key[:, :, None, None], axis=3)[..., 0]  # [batch, n, frames]
+    ends = jnp.take_along_axis(keys[..., 1][:, None], key[:, :, None, None], axis=3)[..., 0]  # [batch, n, frames]
     ends = jnp.where(is_key[..., None], ends, 0)
-    starts = jnp.max(readouts[..., 2], axis=2)  # [batch, frames]: the strongest key
-    time_bias = (ends + starts[:, None])[:, :, time_frames]  # [batch, n, count]
+    time_bias = (ends + maps["starts"][:, None])[:, :, time_frames]  # [batch, n, count]
 
     u = jnp.arange(velocity_count, dtype=jnp.float32) / (velocity_count - 1)  # [count]
     velocity_bias = self.velocity_readout(note_state).astype(jnp.float32) @ jnp.stack([u, u * u])  # [batch, n, count]
