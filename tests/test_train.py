@@ -260,7 +260,10 @@ def _children(pid):
   """Process ids of `pid`'s live children (Linux /proc)."""
   found = set()
   for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-    found.update(int(c) for c in (task / "children").read_text().split())
+    try:
+      found.update(int(c) for c in (task / "children").read_text().split())
+    except FileNotFoundError:  # a thread that ended after the listing has no children to report
+      continue
   return found
 
 
