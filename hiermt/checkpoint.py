@@ -121,6 +121,35 @@ def _flat_config(d, prefix=""):
   return out
 
 
+def _shape_diffs(saved_tree, wanted_tree) -> list[str]:
+  """"name: checkpoint SHAPE, this config SHAPE" for each variable that is absent from one tree or
+  shaped differently; params first, then batch statistics, then the rest."""
+  saved, want = _flat_shapes(saved_tree), _flat_shapes(wanted_tree)
+  order = lambda k: (0 if k.startswith("params") else 1 if k.startswith("batch_stats") else 2, k)  # noqa: E731
+  return [f"{k}: checkpoint {saved[k][0] if k in saved else '(absent)'}, "
+          f"this config {want[k][0] if k in want else '(absent)'}"
+          for k in sorted(set(saved) | set(want), key=order) if saved.get(k, (None,))[0] != want.get(k, (None,))[0]]
+
+
+def _listed(lines, limit=20) -> str:
+  return "\n  ".join(lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else []))
+
+
+def check_variables(variables, abstract_variables, directory):
+  """Refuses checkpoint `variables` (e.g. `load_variables`) that do not fit the model built from the
+  stage's config, `abstract_variables` (its init's shapes), naming the variables that differ.
+
+  Raises:
+    ValueError: a variable is missing, extra or reshaped (a checkpoint saved by another version of
+      the model's code).
+  """
+  diffs = _shape_diffs(variables, abstract_variables)
+  if diffs:
+    raise ValueError(f"the checkpoint in {directory} does not fit the model its config.json builds in this "
+                     f"version of hiermt (saved by another version?). Variables that differ:\n  {_listed(diffs)}\n"
+                     f"Retrain the stage into a new --workdir.")
+
+
 def check_resume(directory, step, abstract_state, config):
   """Before resuming `directory` at `step`: refuses a model whose variables changed shape.
 
@@ -143,15 +172,9 @@ def check_resume(directory, step, abstract_state, config):
     changed = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
   path = os.path.join(directory, "checkpoints", str(step), "state")
-  saved = _flat_shapes(_saved_tree(path))
-  want = _flat_shapes(abstract_state)
-  diffs = [f"{k}: checkpoint {saved[k][0] if k in saved else '(absent)'}, "
-           f"this config {want[k][0] if k in want else '(absent)'}"
-           for k in sorted(set(saved) | set(want), key=lambda k: (0 if k.startswith("params") else
-                                                                 1 if k.startswith("batch_stats") else 2, k))
-           if saved.get(k, (None,))[0] != want.get(k, (None,))[0]]
+  diffs = _shape_diffs(_saved_tree(path), abstract_state)
   if diffs:
-    shown = "\n  ".join(diffs[:20] + ([f"... {len(diffs) - 20} more"] if len(diffs) > 20 else []))
+    shown = _listed(diffs)
     fields = "\n  ".join(changed) or "(none: config.json is missing or equal)"
     raise ValueError(
         f"cannot resume {directory} at step {step}: this config's train state (model or optimizer) does not "

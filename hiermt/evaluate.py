@@ -348,7 +348,7 @@ def _model_predictors(workdir, layout, which, dtype=None, min_pitch_prob=None):
   for name in layouts:
     try:
       transcriber = transcribe.load(workdir, layout=name, which=which, dtype=dtype, min_pitch_prob=min_pitch_prob)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
       raise EvaluationError(f"layout {name} is not available: {e}") from e
     yield name, lambda piece, t=transcriber: t.transcribe(piece.audio_path)
 

@@ -283,19 +283,11 @@ def eval_step(model, config, state, batch):
 # ----------------------------------------------------------------------------
 # State
 # ----------------------------------------------------------------------------
-def _example_inputs(config):
-  samples = int(round(config.data.segment_seconds * config.data.sample_rate))
-  audio = jnp.zeros((1, samples), jnp.float32)
-  if config.stage == "encoder":
-    return (audio,)
-  return audio, jnp.zeros((1, config.data.max_tokens), jnp.int32)
-
-
 def create_state(model, config, tx, mesh, rng):
   """Initialises the train state directly into its shardings (no single-device copy)."""
   if not 0.0 <= config.train.ema_decay < 1.0:
     raise ValueError(f"train.ema_decay must be in [0, 1) (0: no moving average), got {config.train.ema_decay}")
-  inputs = _example_inputs(config)
+  inputs = transcriber.example_inputs(config)
 
   def init(rng):
     variables = model.init({"params": rng, "dropout": rng}, *inputs, train=False)

@@ -147,6 +147,7 @@ class StageModel:
 
     Raises:
       FileNotFoundError: the stage is not trained, naming the command that trains it.
+      ValueError: the checkpoint does not fit the model of its config.json (`checkpoint.check_variables`).
     """
     directory = checkpoint.stage_dir(workdir, stage)
     hint = f"Train it first: {_train_command(stage, workdir)}"
@@ -164,7 +165,12 @@ class StageModel:
       if thresholds:
         logging.info("Roll thresholds calibrated on validation for step %d: %s", choice.step,
                      ", ".join(f"{k} {v:.2f}" for k, v in thresholds.items()))
-    return cls(config, variables, choice.step, fixed_tokens, thresholds, dtype)
+    loaded = cls(config, variables, choice.step, fixed_tokens, thresholds, dtype)
+    inputs = transcriber.example_inputs(config)
+    expected = jax.eval_shape(lambda: loaded.model.init(jax.random.key(0), *inputs, train=False))
+    checkpoint.check_variables(loaded.variables, {k: v for k, v in expected.items() if k in loaded.variables},
+                               directory)
+    return loaded
 
   def encode(self, segments, batch=None):
     """Encoder outputs (rolls and `features`) of float32 audio [rows, samples], as device arrays

@@ -11,41 +11,66 @@ from hiermt.models import decoder as dec
 from hiermt.models import note_reader
 from hiermt.models import transcriber
 
-# A small vocabulary: ids 10..15 are times 0..5 at half a frame per time; 100..187 the 88 keys;
+# A small vocabulary: ids 10..21 are times 0..11 at half a frame per time; 100..187 the 88 keys;
 # 190..194 five velocities, u = 0, 0.25, ..., 1.
-VOCAB, TIMES, KEYS, VELOCITIES = 200, (10, 6, 0.5), (100, 88), (190, 5)
+VOCAB, TIMES, KEYS, VELOCITIES = 200, (10, 12, 0.5), (100, 88), (190, 5)
 
 
 def _reader(channels=2):
   return note_reader.NoteReader(channels, VOCAB, TIMES, KEYS, VELOCITIES)
 
 
+def test_written_times_carry_each_keys_latest_time():
+  tokens = jnp.array([[12, 105, 13, 107, 105, 3]])  # keys 5 and 7 among other ids
+  times = jnp.array([[2, 2, 3, 3, 3, 3]])
+  start = jnp.full((1, 88), -1).at[0, 7].set(1)  # key 7 written at time 1 by an earlier call
+  written = np.asarray(note_reader.written_times(tokens, times, KEYS, start))
+  assert written.shape == (1, 6, 88)
+  np.testing.assert_array_equal(written[0, :, 5], [-1, 2, 2, 2, 3, 3])
+  np.testing.assert_array_equal(written[0, :, 7], [1, 1, 1, 3, 3, 3])
+  assert (np.delete(written, [5, 7], axis=2) == -1).all()
+
+
 def test_routes_add_hand_computed_logits():
   # Two channels per key; readouts: start-here = channel 0, ends-here = channel 1,
   # note-starts = 2 x channel 1. The note readout maps channel 0 to id 150 (x2), channel 1 to 151 (x4);
-  # the velocity readout (a, b) = (channel 0, -2 x channel 1).
-  states = np.zeros((1, 3, 88, 2), np.float32)  # [batch, frames, keys, channels]
-  states[0, 1, 5] = 0.5, 0.25
-  states[0, 2, 5] = 0.0, 1.0
+  # the velocity readout (a, b) = (channel 0, -2 x channel 1); a written key's pitch logit -1.5.
+  states = np.zeros((1, 6, 88, 2), np.float32)  # [batch, frames, keys, channels]
   states[0, 0, 7] = 0.8, 0.1
+  states[0, 1, 5] = 0.5, 0.25
+  states[0, 1, 9] = 0.0, 0.05
+  states[0, 2, 5] = 0.0, 1.0
+  states[0, 4, 5] = 0.0, 0.75
   note = np.zeros((2, VOCAB), np.float32)
   note[0, 150], note[1, 151] = 2.0, 4.0
   params = {"key_readout": {"kernel": np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 2.0]], np.float32)},
             "note_readout": {"kernel": note},
-            "velocity_readout": {"kernel": np.array([[1.0, 0.0], [0.0, -2.0]], np.float32)}}
-  # A time token (time 2), key 5's pitch token, another token; all at time 2, i.e. frame 1.
-  tokens = jnp.array([[12, 105, 3]])
+            "velocity_readout": {"kernel": np.array([[1.0, 0.0], [0.0, -2.0]], np.float32)},
+            "written": np.float32(-1.5)}
+  # A time token (time 2), key 5's pitch token, another token, the top key's pitch token; all at
+  # time 2, i.e. frame 1.
+  tokens = jnp.array([[12, 105, 3, 187]])
+  times = jnp.array([[2, 2, 2, 2]])
+  written = note_reader.written_times(tokens, times, KEYS, jnp.full((1, 88), -1))
   reader = _reader()
-  bias = np.asarray(reader.apply({"params": params}, jnp.asarray(states), tokens, jnp.array([[2, 2, 2]]),
-                                 method=lambda r, s, t, times: r(r.maps(s), t, times)))
+  bias = np.asarray(reader.apply({"params": params}, jnp.asarray(states), tokens, times, written,
+                                 method=lambda r, s, *a: r(r.maps(s), *a)))
 
-  want = np.zeros((1, 3, VOCAB), np.float32)
-  want[0, :, 105] = 0.5  # pitch route: key 5 at frame 1, at every position
-  # Time route, times 0..5 at frames 0, 0, 1, 1, 2, 2: the strongest key's note-start readout
-  # (key 7's 0.2, key 5's 0.5, key 5's 2.0) everywhere ...
-  want[0, :, 10:16] = [0.2, 0.2, 0.5, 0.5, 2.0, 2.0]
+  want = np.zeros((1, 4, VOCAB), np.float32)
+  # Pitch route: key 5 starts at frame 1 (0.5), once written -1.5 lower; the top key once written.
+  want[0, :, 105] = [0.5, -1.0, -1.0, -1.0]
+  want[0, 3, 187] = -1.5
+  # Time route, times 0..11 at frames 0, 0, 1, 1, ..., 5, 5: the strongest key's note-start
+  # readout per frame is 0.2 (key 7), 0.5 (key 5), 2.0 (key 5), 0, 1.5 (key 5), 0. Before the
+  # first pitch token it holds everywhere; after key 5 is written (frame 1) key 5 counts again
+  # only from frame 4 (3 frames later), key 9's 0.1 is left at frame 1; at a pitch token's own
+  # time only keys above it count (none above the top key: 0).
+  want[0, 0, 10:22] = [0.2, 0.2, 0.5, 0.5, 2.0, 2.0, 0, 0, 1.5, 1.5, 0, 0]
+  want[0, 1, 10:22] = [0.2, 0.2, 0.1, 0.1, 0, 0, 0, 0, 1.5, 1.5, 0, 0]
+  want[0, 2, 10:22] = [0.2, 0.2, 0.1, 0.1, 0, 0, 0, 0, 1.5, 1.5, 0, 0]
+  want[0, 3, 10:22] = [0.2, 0.2, 0.0, 0.1, 0, 0, 0, 0, 1.5, 1.5, 0, 0]
   # ... plus key 5's end readout after its pitch token.
-  want[0, 1, 10:16] += [0.0, 0.0, 0.25, 0.25, 1.0, 1.0]
+  want[0, 1, 10:22] += [0, 0, 0.25, 0.25, 1.0, 1.0, 0, 0, 0.75, 0.75, 0, 0]
   want[0, 1, 150], want[0, 1, 151] = 1.0, 1.0  # note route: key 5's state at frame 1, (0.5, 0.25)
   want[0, 1, 190:195] = [0.0, 0.09375, 0.125, 0.09375, 0.0]  # 0.5 u - 0.5 u^2: a bump at u = 0.5
   np.testing.assert_allclose(bias, want, atol=1e-6)
@@ -95,16 +120,25 @@ def test_a_fresh_reader_leaves_the_decoder_unchanged():
 def test_cached_decoding_matches_full_forward_with_the_reader():
   model = _decoder(note_reader=8)
   tokens, audio = _inputs()
+  # Notes at times 4 and 5 (both encoder frame 2), key 39 twice: the keys written carry across calls.
+  time, key = vocabulary.TIME_OFFSET, vocabulary.PITCH_OFFSET + 21
+  tokens = tokens.at[:, :8].set(jnp.array([time + 4, key + 39, time + 5, key + 40, key + 39, time + 5,
+                                           key + 39, time + 5]))
   params = model.init(jax.random.key(1), tokens, audio)["params"]
   params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)  # readouts != 0
   full = model.apply({"params": params}, tokens, audio)
   cache, out, start = model.init_cache(audio), [], 0
-  for i, size in enumerate((2, 1, 1, 4, 4)):  # the time reached and the key states carry across calls
-    logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, start:start + size],
-                                  audio if i == 0 else None, decode=True, mutable=["cache"])
+  call = lambda cache, chunk, audio: model.apply({"params": params, "cache": cache}, chunk, audio,  # noqa: E731
+                                                 decode=True, mutable=["cache"])
+  for i, size in enumerate((2, 1, 1, 4, 4)):  # the time reached, key states and keys written carry across calls
+    before = cache
+    logits, mutated = call(cache, tokens[:, start:start + size], audio if i == 0 else None)
     cache, start = mutated["cache"], start + size
     out.append(logits)
   np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, atol=1e-4)
+  # Forgetting the keys written before the last call (key 39 at time 5) changes its logits.
+  forgot = dict(before, keys_written=jnp.full_like(before["keys_written"], -1))
+  assert np.abs(np.asarray(call(forgot, tokens[:, 8:], None)[0] - out[-1])).max() > 1e-3
   plain = {k: v for k, v in params.items() if k != "note_reader"}
   assert np.abs(np.asarray(full - _decoder().apply({"params": plain}, tokens, audio))).max() > 1e-2
 

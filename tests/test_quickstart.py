@@ -21,7 +21,7 @@ def test_stage_command_is_an_ordinary_training_command():
   # every stage, the encoder too, is validated and used with its parameters' moving average
   assert flags["train.ema_decay"] == "0.99"
   # HPPNet's features are per key: the note reader, and the unsure-pitch threshold chosen with it
-  assert flags["decoder.note_reader"] == "16" and flags["decode.min_pitch_prob"] == "0.5"
+  assert flags["decoder.note_reader"] == "16" and flags["decode.min_pitch_prob"] == "0.3"
   crnn = quickstart.stage_command("py", "onset_pitch", "crnn", quickstart.PRESETS["cpu"], "/w", "/c")
   crnn_flags = dict(f.removeprefix("--config.").split("=", 1) for f in crnn[5:])
   # the per-stage override wins over the preset-wide one

@@ -1,6 +1,7 @@
 """End to end: stages overfitted on one short piece transcribe it back; the CLI's files and errors."""
 
 import functools
+import json
 import os
 import pathlib
 import shutil
@@ -216,6 +217,22 @@ def test_cli_names_a_missing_stage_and_how_to_train_it(trained, tmp_path):
   assert transcribe.available_layouts(workdir) == ["flatten", "hierarchy"] or \
       transcribe.available_layouts(workdir) == ["hierarchy", "flatten"]
   assert transcribe.available_layouts(partial) == []
+
+
+def test_cli_refuses_a_checkpoint_that_does_not_fit_its_config(trained, tmp_path):
+  workdir, wav, _ = trained
+  changed = tmp_path / "changed"
+  shutil.copytree(workdir, changed)
+  config_path = changed / "onset_pitch" / "config.json"
+  config = json.loads(config_path.read_text())
+  config["decoder"]["num_layers"] += 1  # as if saved by a version whose decoder had one block less
+  config_path.write_text(json.dumps(config))
+  result = _cli(f"--workdir={changed}", f"--output_dir={tmp_path / 'out'}", wav)
+  assert result.returncode == 2, result.stderr
+  assert f"the checkpoint in {changed / 'onset_pitch'} does not fit" in result.stderr
+  assert f"params/decoder/block_{config['decoder']['num_layers'] - 1}/" in result.stderr
+  assert "checkpoint (absent)" in result.stderr and "Traceback" not in result.stderr
+  assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

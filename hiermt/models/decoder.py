@@ -470,12 +470,20 @@ class Decoder(nn.Module):
       times = token_times(tokens, *self.time_tokens[:2], time_start)  # [batch, n]
       if decode:
         reached.value = times[:, -1]
-    if reader is not None and decode:
-      # The prefill computes the key states and their readouts from the audio; later calls read them back.
-      cached_maps = self.variable("cache", "note_reader_maps", lambda: reader_maps)
-      if prefill:
-        cached_maps.value = reader_maps
-      reader_maps = cached_maps.value
+    if reader is not None:
+      written_start = jnp.full((tokens.shape[0], note_reader_lib.NUM_KEYS), -1, jnp.int32)  # [batch, 88]
+      if decode:
+        # The prefill computes the key states and their readouts from the audio; later calls read them back.
+        cached_maps = self.variable("cache", "note_reader_maps", lambda: reader_maps)
+        keys_written = self.variable("cache", "keys_written", lambda: written_start)
+        if prefill:
+          cached_maps.value = reader_maps
+        else:
+          written_start = keys_written.value
+        reader_maps = cached_maps.value
+      written = note_reader_lib.written_times(tokens, times, self.key_tokens, written_start)  # [batch, n, 88]
+      if decode:
+        keys_written.value = written[:, -1]
     # Feature groups: times first, then sequence indices (prefix frames at rotary position 0).
     rotations, dims = [], []
     if time_dims:
@@ -498,7 +506,7 @@ class Decoder(nn.Module):
                     param_dtype=self.param_dtype, name="head")
     logits = rowwise(head, x).astype(jnp.float32)  # [batch, n, vocab]
     if reader is not None:
-      logits = logits + reader(reader_maps, tokens, times)
+      logits = logits + reader(reader_maps, tokens, times, written)
     return logits
 
   @nn.nowrap

@@ -19,7 +19,15 @@ reference; docs/design.md). The reader builds the lookup in:
   a bump around -a / 2b when b < 0, so one readout places the velocity;
 * time route: at a pitch token, every time token's logit gets that key's
   readout at the frame the time names — where the key's note ends; and at
-  every position the strongest key's second readout — where notes start.
+  every position the strongest key's second readout — where notes start;
+* written keys: a key the sequence wrote within `WRITTEN_FRAMES` frames
+  before a time does not count for that time's note starts, and its pitch
+  token gets a learnt logit (`written`) at the time reached. At a pitch
+  token its own time counts only keys above it (notes of one onset come by
+  rising pitch). A chord's notes start a few ms apart, several 10 ms time
+  tokens within one 20 ms frame: without this the keys already written say
+  that notes still start there, and the model left a chord's other keys out
+  (half the notes it missed on the recipe's validation pieces).
 
 Every readout starts at zero, so an initialised decoder is the plain one. The
 decoder stays an autoregressive LM over the whole prefix; the reader only adds
@@ -27,6 +35,7 @@ logits computed from the same features.
 """
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -35,6 +44,27 @@ import jax.numpy as jnp
 
 NUM_KEYS = 88
 KERNEL_FRAMES = 5  # each convolution sees +-2 frames (+-40 ms at 50 frames per second)
+# A key written this many frames or fewer before a time has no new note there (40 ms: a key is
+# not struck twice that fast, and a note's onset tolerance is 50 ms).
+WRITTEN_FRAMES = 2
+
+
+def written_times(tokens: jax.Array, times: jax.Array, key_tokens: tuple, start: jax.Array) -> jax.Array:
+  """The time (in time-token steps) each key's pitch token was last written at, at or before each
+  position; -1 where never.
+
+  Args:
+    tokens: int `[batch, n]`; `times` int `[batch, n]`, the time each position has reached.
+    key_tokens: (first id, count) of the 88 keys' pitch tokens.
+    start: int `[batch, 88]`, the value before `tokens` (-1 for a fresh sequence).
+
+  Returns:
+    int32 `[batch, n, 88]`.
+  """
+  key = tokens - key_tokens[0]  # [batch, n]
+  hit = key[..., None] == jnp.arange(key_tokens[1])  # [batch, n, 88]
+  marks = jnp.where(hit, times[..., None], -1)  # [batch, n, 88]
+  return jnp.maximum(jax.lax.cummax(marks, axis=1), start[:, None]).astype(jnp.int32)
 
 
 def _gather_frames(x: jax.Array, frames: jax.Array) -> jax.Array:
@@ -70,6 +100,7 @@ class NoteReader(nn.Module):
     self.key_readout = dense(3, name="key_readout")  # per key and frame: starts here, ends here, note starts
     self.note_readout = dense(self.vocab_size, name="note_readout")
     self.velocity_readout = dense(2, name="velocity_readout")  # (a, b) of a u + b u^2
+    self.written = self.param("written", nn.initializers.zeros_init(), (), self.param_dtype)
 
   def states(self, features: jax.Array) -> jax.Array:
     """Encoder features `[batch, frames, 88 * per_key]`, interleaved per key -> `[batch, frames, 88, C]`."""
@@ -83,31 +114,51 @@ class NoteReader(nn.Module):
   def maps(self, states: jax.Array) -> dict:
     """What every position reads, computed once per audio (the decode cache keeps it): the key
     `states` `[batch, frames, 88, C]`, their per-key start and end readouts `keys`
-    `[batch, frames, 88, 2]` and the strongest key's note-start readout `starts` `[batch, frames]`."""
+    `[batch, frames, 88, 2]`, each key's note-start readout `key_starts` `[batch, frames, 88]` and the
+    strongest key's `starts` `[batch, frames]`."""
     readouts = self.key_readout(states)  # [batch, frames, 88, 3]
-    return {"states": states, "keys": readouts[..., :2], "starts": jnp.max(readouts[..., 2], axis=2)}
+    return {"states": states, "keys": readouts[..., :2], "key_starts": readouts[..., 2],
+            "starts": jnp.max(readouts[..., 2], axis=2)}
 
-  def __call__(self, maps: dict, tokens: jax.Array, times: jax.Array) -> jax.Array:
+  def __call__(self, maps: dict, tokens: jax.Array, times: jax.Array, written: jax.Array) -> jax.Array:
     """Logit offsets `[batch, n, vocab]` for tokens `[batch, n]` whose sequence has reached
-    `times` `[batch, n]` (in time-token steps; `decoder.token_times`), given `maps`."""
+    `times` `[batch, n]` (in time-token steps; `decoder.token_times`) and written each key last at
+    `written` `[batch, n, 88]` (`written_times`), given `maps`."""
     time_first, time_count, frames_per_time = self.time_tokens
     key_first, key_count = self.key_tokens
     velocity_first, velocity_count = self.velocity_tokens
     states, keys = maps["states"], maps["keys"]
     last_frame = states.shape[1] - 1
-    frames = jnp.clip(jnp.floor(times * frames_per_time).astype(jnp.int32), 0, last_frame)  # [batch, n]
     key = tokens - key_first  # [batch, n]
     is_key = (key >= 0) & (key < key_count)  # [batch, n]
     key = jnp.clip(key, 0, key_count - 1)
 
-    here = _gather_frames(keys[..., 0], frames)  # [batch, n, 88]
+    frame_of = lambda t: jnp.clip(jnp.floor(t * frames_per_time).astype(jnp.int32), 0, last_frame)  # noqa: E731
+    frames = frame_of(times)  # [batch, n]
+    written_frames = jnp.where(written >= 0, frame_of(written), -WRITTEN_FRAMES - 1)  # [batch, n, 88]
+    done = written_frames >= frames[..., None] - WRITTEN_FRAMES  # [batch, n, 88]
+    here = _gather_frames(keys[..., 0], frames) + self.written * done  # [batch, n, 88]
     note_state = jnp.take_along_axis(_gather_frames(states, frames), key[:, :, None, None], axis=2)[:, :, 0]
     note_state = jnp.where(is_key[..., None], note_state, 0)  # [batch, n, C]
     time_frames = jnp.minimum(jnp.floor(jnp.arange(time_count) * frames_per_time).astype(jnp.int32),
                               last_frame)  # [count]
     ends = jnp.take_along_axis(keys[..., 1][:, None], key[:, :, None, None], axis=3)[..., 0]  # [batch, n, frames]
     ends = jnp.where(is_key[..., None], ends, 0)
-    time_bias = (ends + maps["starts"][:, None])[:, :, time_frames]  # [batch, n, count]
+    # The times within WRITTEN_FRAMES frames after the time reached: their strongest note start among
+    # the keys not written just before them (at a pitch token's own time, above it too; 0: no key).
+    window = math.ceil((WRITTEN_FRAMES + 1) / frames_per_time)  # later times are past every written key
+    ahead = times[..., None] + jnp.arange(window)  # [batch, n, window] time steps
+    ahead_frames = frame_of(ahead)  # [batch, n, window]
+    free = written_frames[:, :, None] < ahead_frames[..., None] - WRITTEN_FRAMES  # [batch, n, window, 88]
+    higher = (jnp.arange(window)[:, None] > 0) | (jnp.arange(key_count) > key[..., None, None])
+    free &= higher | ~is_key[..., None, None]
+    starts_ahead = jnp.take_along_axis(maps["key_starts"][:, None], ahead_frames[..., None], axis=2)  # [batch, n, window, 88]
+    starts_ahead = jnp.where(jnp.any(free, -1), jnp.max(jnp.where(free, starts_ahead, -jnp.inf), -1), 0.0)
+    offset = jnp.arange(time_count)[None, None] - times[..., None]  # [batch, n, count]
+    starts = jnp.where((offset >= 0) & (offset < window),
+                       jnp.take_along_axis(starts_ahead, jnp.clip(offset, 0, window - 1), axis=2),
+                       maps["starts"][:, None, time_frames])  # [batch, n, count]
+    time_bias = ends[:, :, time_frames] + starts  # [batch, n, count]
 
     u = jnp.arange(velocity_count, dtype=jnp.float32) / (velocity_count - 1)  # [count]
     velocity_bias = self.velocity_readout(note_state).astype(jnp.float32) @ jnp.stack([u, u * u])  # [batch, n, count]

@@ -136,3 +136,13 @@ def build_model(config) -> Transcriber:
   if config.stage == "encoder":
     return Transcriber(encoder)
   return Transcriber(encoder, build_decoder(config), freeze_encoder=config.freeze_encoder)
+
+
+def example_inputs(config) -> tuple:
+  """Zero inputs of one example of `config` for `Transcriber.init`: (audio `[1, samples]`,) for the
+  encoder stage, (audio, tokens `[1, max_tokens]`) for the others."""
+  samples = int(round(config.data.segment_seconds * config.data.sample_rate))
+  audio = jnp.zeros((1, samples), jnp.float32)
+  if config.stage == "encoder":
+    return (audio,)
+  return audio, jnp.zeros((1, config.data.max_tokens), jnp.int32)
