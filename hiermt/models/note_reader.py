@@ -140,8 +140,7 @@ class NoteReader(nn.Module):
     here = _gather_frames(keys[..., 0], frames) + self.written * done  # [batch, n, 88]
     note_state = jnp.take_along_axis(_gather_frames(states, frames), key[:, :, None, None], axis=2)[:, :, 0]
     note_state = jnp.where(is_key[..., None], note_state, 0)  # [batch, n, C]
-    time_frames = jnp.minimum(jnp.floor(jnp.arange(time_count) * frames_per_time).astype(jnp.int32),
-                              last_frame)  # [count]
+    time_frames = frame_of(jnp.arange(time_count))  # [count]
     ends = jnp.take_along_axis(keys[..., 1][:, None], key[:, :, None, None], axis=3)[..., 0]  # [batch, n, frames]
     ends = jnp.where(is_key[..., None], ends, 0)
     # The times within WRITTEN_FRAMES frames after the time reached: their strongest note start among
