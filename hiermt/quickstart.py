@@ -109,7 +109,9 @@ PRESETS = {
         # onset_pitch finds the notes the later stages describe: they share 3/4 of the time.
         # onset_pitch needed ~2300 steps to rise above noise (docs/design.md); the 90-minute
         # encoder's validation On-Off-Vel F1 was 0.41 at step 2600 against 0.43 at its best (3100).
-        shares={"encoder": 0.4, "onset_pitch": 0.35, "velocity": 0.075, "offset": 0.075, "flatten": 0.1},
+        # With the note reader's roll priors velocity peaks near step 100 (validation 0.54, 0.44-0.49
+        # after) and offset still rises at step 500; onset_pitch was flat from step ~1000 of 1921.
+        shares={"encoder": 0.4, "onset_pitch": 0.325, "velocity": 0.05, "offset": 0.125, "flatten": 0.1},
         # Full widths cost 256 (CRNN) and 134 (HPPNet) GFLOPs per 10 s forward: minutes per
         # step on two cores.
         # decoder.note_reader 16 (HPPNet only: its features are per key): on the 90-minute recipe's

@@ -1,4 +1,4 @@
-"""Tests for the note reader: its three logit routes, its key states, and the decoder with it."""
+"""Tests for the note reader: its logit routes, its roll priors, its key states, and the decoder with it."""
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +12,28 @@ from hiermt.models import note_reader
 from hiermt.models import transcriber
 
 # A small vocabulary: ids 10..21 are times 0..11 at half a frame per time; 100..187 the 88 keys;
-# 190..194 five velocities, u = 0, 0.25, ..., 1.
-VOCAB, TIMES, KEYS, VELOCITIES = 200, (10, 12, 0.5), (100, 88), (190, 5)
+# 190..194 five velocities, u = 0, 0.25, ..., 1; 4 note_sustain.
+VOCAB, TIMES, KEYS, VELOCITIES, SUSTAIN = 200, (10, 12, 0.5), (100, 88), (190, 5), 4
 
 
 def _reader(channels=2):
-  return note_reader.NoteReader(channels, VOCAB, TIMES, KEYS, VELOCITIES)
+  return note_reader.NoteReader(channels, VOCAB, TIMES, KEYS, VELOCITIES, SUSTAIN)
+
+
+def _no_readouts(channels):
+  """Parameters of a reader whose learnt readouts are all zero (the decoder's initial reader)."""
+  return {"key_readout": {"kernel": np.zeros((channels, 3), np.float32)},
+          "note_readout": {"kernel": np.zeros((channels, VOCAB), np.float32)},
+          "velocity_readout": {"kernel": np.zeros((channels, 2), np.float32)},
+          "written": np.float32(0), "velocity_prior": np.float32(0), "end_prior": np.float32(0)}
+
+
+def _bias(params, states, rolls, tokens, times):
+  """The reader's logit offsets given key states and rolls directly."""
+  written = note_reader.written_times(tokens, times, KEYS, jnp.full((tokens.shape[0], 88), -1))
+  return np.asarray(_reader(states.shape[-1]).apply(
+      {"params": params}, jnp.asarray(states), jnp.asarray(rolls), tokens, times, written,
+      method=lambda r, s, rolls, *a: r(r.read_rolls(s, rolls), *a)))
 
 
 def test_written_times_carry_each_keys_latest_time():
@@ -43,18 +59,16 @@ def test_routes_add_hand_computed_logits():
   states[0, 4, 5] = 0.0, 0.75
   note = np.zeros((2, VOCAB), np.float32)
   note[0, 150], note[1, 151] = 2.0, 4.0
-  params = {"key_readout": {"kernel": np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 2.0]], np.float32)},
-            "note_readout": {"kernel": note},
-            "velocity_readout": {"kernel": np.array([[1.0, 0.0], [0.0, -2.0]], np.float32)},
-            "written": np.float32(-1.5)}
+  params = _no_readouts(2) | {
+      "key_readout": {"kernel": np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 2.0]], np.float32)},
+      "note_readout": {"kernel": note},
+      "velocity_readout": {"kernel": np.array([[1.0, 0.0], [0.0, -2.0]], np.float32)},
+      "written": np.float32(-1.5)}
   # A time token (time 2), key 5's pitch token, another token, the top key's pitch token; all at
-  # time 2, i.e. frame 1.
+  # time 2, i.e. frame 1. The roll priors are off (their scalars 0).
   tokens = jnp.array([[12, 105, 3, 187]])
   times = jnp.array([[2, 2, 2, 2]])
-  written = note_reader.written_times(tokens, times, KEYS, jnp.full((1, 88), -1))
-  reader = _reader()
-  bias = np.asarray(reader.apply({"params": params}, jnp.asarray(states), tokens, times, written,
-                                 method=lambda r, s, *a: r(r.maps(s), *a)))
+  bias = _bias(params, states, np.full((1, 6, 88, 4), 0.5, np.float32), tokens, times)
 
   want = np.zeros((1, 4, VOCAB), np.float32)
   # Pitch route: key 5 starts at frame 1 (0.5), once written -1.5 lower; the top key once written.
@@ -76,6 +90,30 @@ def test_routes_add_hand_computed_logits():
   np.testing.assert_allclose(bias, want, atol=1e-6)
 
 
+def test_roll_priors_add_hand_computed_logits():
+  # Key 5's rolls: frame roll 0.9, 0.9, 0.8, 0.5, 0.1, 0.1 over frames 0..5; velocity roll 2 / 128
+  # at frame 1 (velocity 2). Its pitch token at time 2 (frame 1, f0 = 1); scalars: velocity 1, end 1/4
+  # (the end log-probabilities times END_SCALE x 1/4 = 1).
+  rolls = np.zeros((1, 6, 88, 4), np.float32)  # [batch, frames, keys, (onset, frame, offset, velocity)]
+  rolls[0, :, 5, 1] = 0.9, 0.9, 0.8, 0.5, 0.1, 0.1
+  rolls[0, 1, 5, 3] = 2 / 128
+  rolls[0, 1, 6, 3] = 1.0  # another key's velocity is not read
+  params = _no_readouts(2) | {"velocity_prior": np.float32(1.0), "end_prior": np.float32(0.25)}
+  tokens, times = jnp.array([[12, 105]]), jnp.array([[2, 2]])
+  bias = _bias(params, np.zeros((1, 6, 88, 2), np.float32), rolls, tokens, times)
+
+  want = np.zeros((1, 2, VOCAB), np.float32)
+  # Velocities 0..4 against velocity 2, in steps of 4: -((v - 2) / 4)^2.
+  want[0, 1, 190:195] = [-0.25, -0.0625, 0.0, -0.0625, -0.25]
+  # Times 0..11 name frames 0, 0, 1, 1, ..., 5, 5; a note cannot end before frame f0 + 1 = 2. Ending at
+  # frame e: held over frames 2 .. e - 1, released at e.
+  log = np.log
+  at = {2: log(0.2), 3: log(0.8) + log(0.5), 4: log(0.8 * 0.5) + log(0.9), 5: log(0.8 * 0.5 * 0.1) + log(0.9)}
+  want[0, 1, 10:22] = [at[max(t // 2, 2)] for t in range(12)]
+  want[0, 1, SUSTAIN] = log(0.8 * 0.5 * 0.1 * 0.1)  # held through the last frame
+  np.testing.assert_allclose(bias, want, rtol=1e-5, atol=1e-6)
+
+
 def test_key_states_read_each_key_by_its_own_rolls():
   # Features interleave the 4 rolls per key: key k's are columns 4k..4k+3.
   reader = _reader(channels=3)
@@ -94,13 +132,16 @@ def test_key_states_read_each_key_by_its_own_rolls():
   np.testing.assert_array_equal(changed, np.arange(6, 15))
   with pytest.raises(ValueError, match="per-key encoder features"):
     reader.apply({"params": params}, features[:, :, :300], method=reader.states)
+  with pytest.raises(ValueError, match="per-key encoder features"):  # 88 keys, but not HPPNet's 4 rolls
+    reader.apply({"params": params}, features[:, :, :264], method=reader.states)
 
 
 def _decoder(**kw):
   return dec.Decoder(vocab_size=vocabulary.VOCAB_SIZE, num_layers=2, num_heads=4, dim=32, max_len=12, prefix_pool=2,
                      time_tokens=(vocabulary.TIME_OFFSET, vocabulary.NUM_TIMES, 0.25),
                      key_tokens=(vocabulary.PITCH_OFFSET + 21, 88),
-                     velocity_tokens=(vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES), **kw)
+                     velocity_tokens=(vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES),
+                     sustain_token=vocabulary.NOTE_SUSTAIN, **kw)
 
 
 def _inputs():

@@ -352,6 +352,7 @@ class Decoder(nn.Module):
       from a per-key encoder's rolls; needs `time_tokens` and `key_tokens`). 0: off (the paper's).
     key_tokens, velocity_tokens: (first id, count) of the 88 keys' pitch tokens and of the
       velocity tokens; needed by `note_reader`.
+    sustain_token: id of `note_sustain`; needed by `note_reader`.
   """
   vocab_size: int
   num_layers: int
@@ -370,6 +371,7 @@ class Decoder(nn.Module):
   note_reader: int = 0
   key_tokens: tuple | None = None
   velocity_tokens: tuple | None = None
+  sustain_token: int | None = None
 
   def _check(self):
     if self.conditioning not in CONDITIONINGS:
@@ -386,9 +388,9 @@ class Decoder(nn.Module):
         raise ValueError(f"Decoder.{option} needs Decoder.time_tokens (the time tokens' ids and frame rate)")
     if self.note_reader < 0:
       raise ValueError(f"Decoder.note_reader must be >= 0 (channels per key; 0: off), got {self.note_reader}")
-    if self.note_reader and (self.key_tokens is None or self.velocity_tokens is None):
-      raise ValueError("Decoder.note_reader needs Decoder.key_tokens and velocity_tokens (the keys' pitch "
-                       "and the velocities' token ids)")
+    if self.note_reader and None in (self.key_tokens, self.velocity_tokens, self.sustain_token):
+      raise ValueError("Decoder.note_reader needs Decoder.key_tokens, velocity_tokens and sustain_token (the "
+                       "keys' pitch, the velocities' and note_sustain's token ids)")
     for option in ("time_init", "rope_time"):
       if getattr(self, option) and self.conditioning != "prefix":
         raise ValueError(f"Decoder.{option} aligns time tokens with the audio prefix's frames: it needs "
@@ -434,9 +436,9 @@ class Decoder(nn.Module):
       first, count, frames_per_token = self.time_tokens
       reader = note_reader_lib.NoteReader(
           self.note_reader, self.vocab_size, (first, count, frames_per_token * self.prefix_pool), self.key_tokens,
-          self.velocity_tokens, self.dtype, self.param_dtype, name="note_reader")
+          self.velocity_tokens, self.sustain_token, self.dtype, self.param_dtype, name="note_reader")
       if audio is not None:
-        reader_maps = reader.maps(reader.states(audio))  # key states [batch, frames, 88, channels] and readouts
+        reader_maps = reader.maps(audio)  # key states [batch, frames, 88, channels], readouts, roll priors' rolls
     if audio is not None:
       memory = AudioProjection(self.dim, self.conditioning, self.prefix_pool, self.dtype, self.param_dtype,
                                name="audio_proj")(audio)  # [batch, frames', dim]

@@ -20,6 +20,15 @@ reference; docs/design.md). The reader builds the lookup in:
 * time route: at a pitch token, every time token's logit gets that key's
   readout at the frame the time names — where the key's note ends; and at
   every position the strongest key's second readout — where notes start;
+* roll priors: at a pitch token, two learnt scalars (zero-init) weigh what the
+  encoder's own rolls say of that note: its velocity roll at the note's frame
+  (a Gaussian bump over the velocity tokens, as HPPNet's roll decoding reads
+  it) and where its frame roll lets it end (each end time's log-probability
+  that the key stays held from the note's frame on and is released there,
+  the frame rolls taken as independent; `note_sustain` gets the probability
+  of being held past the segment). These are the Roll baseline's readings
+  offered to the decoder from its first step: the learnt routes above need
+  hundreds of steps to find them (docs/design.md);
 * written keys: a key the sequence wrote within `WRITTEN_FRAMES` frames
   before a time does not count for that time's note starts, and its pitch
   token gets a learnt logit (`written`) at the time reached. At a pitch
@@ -42,7 +51,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hiermt.models import hppnet
+
 NUM_KEYS = 88
+ROLLS = hppnet.ROLLS  # the rolls of each key, in the order of the features
+# Velocity rolls are trained on MIDI velocity / 128 (HPPNet's targets).
+VELOCITY_SCALE = 128.0
+# Units of the roll priors' scalars, so that Adam's ~lr-sized steps reach a useful sharpness within a
+# few hundred steps: the velocity bump's logit is -prior * ((v - roll velocity) / VELOCITY_STEPS)^2,
+# the end log-probabilities are multiplied by END_SCALE * prior.
+VELOCITY_STEPS = 4.0
+END_SCALE = 4.0
+# Frame probabilities are clipped this far from 0 and 1 before their logs (sigmoid outputs round to 1).
+PROB_EPS = 1e-3
 KERNEL_FRAMES = 5  # each convolution sees +-2 frames (+-40 ms at 50 frames per second)
 # A key written this many frames or fewer before a time has no new note there (40 ms: a key is
 # not struck twice that fast, and a note's onset tolerance is 50 ms).
@@ -82,12 +103,14 @@ class NoteReader(nn.Module):
     time_tokens: (first id, count, encoder frames per time token) of the time tokens.
     key_tokens: (first id, count) of the pitch tokens of the 88 keys, lowest first.
     velocity_tokens: (first id, count) of the velocity tokens, velocity 0 first.
+    sustain_token: id of `note_sustain` (a note held past the segment's end).
   """
   channels: int
   vocab_size: int
   time_tokens: tuple
   key_tokens: tuple
   velocity_tokens: tuple
+  sustain_token: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -100,25 +123,41 @@ class NoteReader(nn.Module):
     self.key_readout = dense(3, name="key_readout")  # per key and frame: starts here, ends here, note starts
     self.note_readout = dense(self.vocab_size, name="note_readout")
     self.velocity_readout = dense(2, name="velocity_readout")  # (a, b) of a u + b u^2
-    self.written = self.param("written", nn.initializers.zeros_init(), (), self.param_dtype)
+    scalar = lambda name: self.param(name, nn.initializers.zeros_init(), (), self.param_dtype)  # noqa: E731
+    self.written = scalar("written")
+    self.velocity_prior, self.end_prior = scalar("velocity_prior"), scalar("end_prior")
+
+  def _rolls(self, features: jax.Array) -> jax.Array:
+    """Encoder features `[batch, frames, 88 * 4]`, interleaved per key -> `[batch, frames, 88, 4]`."""
+    batch, frames, width = features.shape
+    if width != NUM_KEYS * len(ROLLS):
+      raise ValueError(f"the note reader reads per-key encoder features (88 keys x HPPNet's {len(ROLLS)} rolls, "
+                       f"{NUM_KEYS * len(ROLLS)}); got {width} features per frame. Use decoder.note_reader=0 "
+                       "with this encoder")
+    return features.reshape(batch, frames, NUM_KEYS, len(ROLLS))
 
   def states(self, features: jax.Array) -> jax.Array:
-    """Encoder features `[batch, frames, 88 * per_key]`, interleaved per key -> `[batch, frames, 88, C]`."""
-    batch, frames, width = features.shape
-    if width % NUM_KEYS:
-      raise ValueError(f"the note reader reads per-key encoder features (88 keys x rolls, e.g. HPPNet's "
-                       f"352); got {width} features per frame. Use decoder.note_reader=0 with this encoder")
-    x = features.astype(self.dtype).reshape(batch, frames, NUM_KEYS, width // NUM_KEYS)  # [batch, frames, 88, rolls]
+    """Encoder features `[batch, frames, 88 * 4]`, interleaved per key -> `[batch, frames, 88, C]`."""
+    x = self._rolls(features).astype(self.dtype)  # [batch, frames, 88, rolls]
     return self.conv_out(nn.silu(self.conv_in(x)))  # [batch, frames, 88, C]
 
-  def maps(self, states: jax.Array) -> dict:
-    """What every position reads, computed once per audio (the decode cache keeps it): the key
-    `states` `[batch, frames, 88, C]`, their per-key start and end readouts `keys`
-    `[batch, frames, 88, 2]`, each key's note-start readout `key_starts` `[batch, frames, 88]` and the
-    strongest key's `starts` `[batch, frames]`."""
+  def maps(self, features: jax.Array) -> dict:
+    """What every position reads, computed once per audio (the decode cache keeps it): `read_rolls`
+    of the key states and rolls of encoder features `[batch, frames, 88 * 4]`."""
+    return self.read_rolls(self.states(features), self._rolls(features))
+
+  def read_rolls(self, states: jax.Array, rolls: jax.Array) -> dict:
+    """The maps of key `states` `[batch, frames, 88, C]` and `rolls` `[batch, frames, 88, 4]`: the
+    states, their per-key start and end readouts `keys` `[batch, frames, 88, 2]`, each key's
+    note-start readout `key_starts` `[batch, frames, 88]` and the strongest key's `starts`
+    `[batch, frames]`; for the roll priors, each key's `velocity` roll, the running sum of its frame
+    roll's log `held` and `released`, log(1 - frame roll), all `[batch, frames, 88]`."""
     readouts = self.key_readout(states)  # [batch, frames, 88, 3]
+    rolls = rolls.astype(jnp.float32)
+    held = jnp.clip(rolls[..., ROLLS.index("frame")], PROB_EPS, 1 - PROB_EPS)  # [batch, frames, 88]
     return {"states": states, "keys": readouts[..., :2], "key_starts": readouts[..., 2],
-            "starts": jnp.max(readouts[..., 2], axis=2)}
+            "starts": jnp.max(readouts[..., 2], axis=2), "velocity": rolls[..., ROLLS.index("velocity")],
+            "held": jnp.cumsum(jnp.log(held), axis=1), "released": jnp.log1p(-held)}
 
   def __call__(self, maps: dict, tokens: jax.Array, times: jax.Array, written: jax.Array) -> jax.Array:
     """Logit offsets `[batch, n, vocab]` for tokens `[batch, n]` whose sequence has reached
@@ -162,7 +201,23 @@ class NoteReader(nn.Module):
     u = jnp.arange(velocity_count, dtype=jnp.float32) / (velocity_count - 1)  # [count]
     velocity_bias = self.velocity_readout(note_state).astype(jnp.float32) @ jnp.stack([u, u * u])  # [batch, n, count]
 
+    # Roll priors of the note at a pitch token: its key's rolls from its frame f0 on.
+    key_roll = lambda name: jnp.take_along_axis(maps[name][:, None], key[:, :, None, None], axis=3)[..., 0]  # noqa: E731
+    velocity_roll = jnp.take_along_axis(_gather_frames(maps["velocity"], frames), key[..., None], axis=2)  # [batch, n, 1]
+    miss = (jnp.arange(velocity_count) - VELOCITY_SCALE * velocity_roll) / VELOCITY_STEPS  # [batch, n, count]
+    velocity_bias -= jnp.where(is_key[..., None], self.velocity_prior * miss * miss, 0)
+    held, released = key_roll("held"), key_roll("released")  # [batch, n, frames] each
+    # Ending at frame e > f0: held at f0 + 1 .. e - 1, released at e (HPPNet's roll rule starts at f0 + 1).
+    held_f0 = jnp.take_along_axis(held, frames[..., None], axis=2)  # [batch, n, 1]
+    ends_at = jnp.clip(jnp.maximum(time_frames, frames[..., None] + 1), 0, last_frame)  # [batch, n, count]
+    end_logp = (jnp.take_along_axis(held, jnp.maximum(ends_at - 1, frames[..., None]), axis=2) - held_f0
+                + jnp.take_along_axis(released, ends_at, axis=2))  # [batch, n, count]
+    held_through = held[..., -1] - held_f0[..., 0]  # [batch, n]: held past the last frame
+    end_weight = jnp.where(is_key, END_SCALE * self.end_prior, 0)[..., None]  # [batch, n, 1]
+    time_bias += end_weight * end_logp
+
     bias = self.note_readout(note_state).astype(jnp.float32)  # [batch, n, vocab]
+    bias = bias.at[..., self.sustain_token].add(end_weight[..., 0] * held_through)
     bias = bias.at[..., velocity_first:velocity_first + velocity_count].add(velocity_bias)
     bias = bias.at[..., key_first:key_first + key_count].add(here)
     return bias.at[..., time_first:time_first + time_count].add(time_bias)

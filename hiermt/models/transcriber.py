@@ -120,7 +120,7 @@ def build_decoder(config) -> decoder_lib.Decoder:
       time_init=d.get("time_init", False), rope_time=float(d.get("rope_time", 0.0)),
       rope_fraction=d.get("rope_fraction", 1.0), note_reader=note_reader,
       key_tokens=(vocabulary.PITCH_OFFSET + rolls.MIN_PITCH, hppnet.NUM_PITCHES),
-      velocity_tokens=(vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES))
+      velocity_tokens=(vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES), sustain_token=vocabulary.NOTE_SUSTAIN)
 
 
 def compute_dtype(config) -> Any:
