@@ -22,8 +22,8 @@ reference; docs/design.md). The reader builds the lookup in:
   every position the strongest key's second readout — where notes start;
 * roll priors: at a pitch token, two learnt scalars (zero-init) weigh what the
   encoder's own rolls say of that note: its velocity roll at the note's frame
-  (a Gaussian bump over the velocity tokens, as HPPNet's roll decoding reads
-  it) and where its frame roll lets it end (each end time's log-probability
+  (a Gaussian bump over the velocity tokens; HPPNet's roll decoding averages
+  the roll over the onset's frames) and where its frame roll lets it end (each end time's log-probability
   that the key stays held from the note's frame on and is released there,
   the frame rolls taken as independent; `note_sustain` gets the probability
   of being held past the segment). These are the Roll baseline's readings
