@@ -23,12 +23,13 @@ reference; docs/design.md). The reader builds the lookup in:
 * roll priors: at a pitch token, two learnt scalars (zero-init) weigh what the
   encoder's own rolls say of that note: its velocity roll at the note's frame
   (a Gaussian bump over the velocity tokens; HPPNet's roll decoding averages
-  the roll over the onset's frames) and where its frame roll lets it end (each end time's log-probability
-  that the key stays held from the note's frame on and is released there,
-  the frame rolls taken as independent; `note_sustain` gets the probability
-  of being held past the segment). These are the Roll baseline's readings
-  offered to the decoder from its first step: the learnt routes above need
-  hundreds of steps to find them (docs/design.md);
+  the roll over the onset's frames) and where its frame roll lets it end
+  (each end time's log-probability that the key stays held from the note's
+  frame on and is released there, the frame rolls taken as independent;
+  `note_sustain` gets the probability of being held past the segment).
+  These are the Roll baseline's readings offered to the decoder from its
+  first step: the learnt routes above need hundreds of steps to find them
+  (docs/design.md);
 * written keys: a key the sequence wrote within `WRITTEN_FRAMES` frames
   before a time does not count for that time's note starts, and its pitch
   token gets a learnt logit (`written`) at the time reached. At a pitch
@@ -180,7 +181,9 @@ class NoteReader(nn.Module):
     note_state = jnp.take_along_axis(_gather_frames(states, frames), key[:, :, None, None], axis=2)[:, :, 0]
     note_state = jnp.where(is_key[..., None], note_state, 0)  # [batch, n, C]
     time_frames = frame_of(jnp.arange(time_count))  # [count]
-    ends = jnp.take_along_axis(keys[..., 1][:, None], key[:, :, None, None], axis=3)[..., 0]  # [batch, n, frames]
+    # Each position's key's values over all frames: x `[batch, frames, 88]` -> `[batch, n, frames]`.
+    over_frames = lambda x: jnp.take_along_axis(x[:, None], key[:, :, None, None], axis=3)[..., 0]  # noqa: E731
+    ends = over_frames(keys[..., 1])  # [batch, n, frames]
     ends = jnp.where(is_key[..., None], ends, 0)
     # The times within WRITTEN_FRAMES frames after the time reached: their strongest note start among
     # the keys not written just before them (at a pitch token's own time, above it too; 0: no key).
@@ -202,11 +205,10 @@ class NoteReader(nn.Module):
     velocity_bias = self.velocity_readout(note_state).astype(jnp.float32) @ jnp.stack([u, u * u])  # [batch, n, count]
 
     # Roll priors of the note at a pitch token: its key's rolls from its frame f0 on.
-    key_roll = lambda name: jnp.take_along_axis(maps[name][:, None], key[:, :, None, None], axis=3)[..., 0]  # noqa: E731
     velocity_roll = jnp.take_along_axis(_gather_frames(maps["velocity"], frames), key[..., None], axis=2)  # [batch, n, 1]
     miss = (jnp.arange(velocity_count) - VELOCITY_SCALE * velocity_roll) / VELOCITY_STEPS  # [batch, n, count]
     velocity_bias -= jnp.where(is_key[..., None], self.velocity_prior * miss * miss, 0)
-    held, released = key_roll("held"), key_roll("released")  # [batch, n, frames] each
+    held, released = over_frames(maps["held"]), over_frames(maps["released"])  # [batch, n, frames] each
     # Ending at frame e > f0: held at f0 + 1 .. e - 1, released at e (HPPNet's roll rule starts at f0 + 1).
     held_f0 = jnp.take_along_axis(held, frames[..., None], axis=2)  # [batch, n, 1]
     ends_at = jnp.clip(jnp.maximum(time_frames, frames[..., None] + 1), 0, last_frame)  # [batch, n, count]
