@@ -205,7 +205,8 @@ class NoteReader(nn.Module):
     velocity_bias = self.velocity_readout(note_state).astype(jnp.float32) @ jnp.stack([u, u * u])  # [batch, n, count]
 
     # Roll priors of the note at a pitch token: its key's rolls from its frame f0 on.
-    velocity_roll = jnp.take_along_axis(_gather_frames(maps["velocity"], frames), key[..., None], axis=2)  # [batch, n, 1]
+    # [batch, n, 1]: the key's velocity roll at the note's frame
+    velocity_roll = jnp.take_along_axis(_gather_frames(maps["velocity"], frames), key[..., None], axis=2)
     miss = (jnp.arange(velocity_count) - VELOCITY_SCALE * velocity_roll) / VELOCITY_STEPS  # [batch, n, count]
     velocity_bias -= jnp.where(is_key[..., None], self.velocity_prior * miss * miss, 0)
     held, released = over_frames(maps["held"]), over_frames(maps["released"])  # [batch, n, frames] each
