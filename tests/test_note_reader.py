@@ -184,6 +184,46 @@ def test_cached_decoding_matches_full_forward_with_the_reader():
   assert np.abs(np.asarray(full - _decoder().apply({"params": plain}, tokens, audio))).max() > 1e-2
 
 
+def test_a_carried_note_is_read_from_the_segments_start():
+  # Offset layout, two notes carried in (`note_sustain key end`): key 39 ending at time 20, then key 41.
+  # Key 41 sounds from the segment's start: its end prior reads its rolls from time 0, not from 20.
+  model = _decoder(note_reader=8)
+  time, key, sustain = vocabulary.TIME_OFFSET, vocabulary.PITCH_OFFSET + 21, vocabulary.NOTE_SUSTAIN
+  tokens = jnp.array([[vocabulary.SOS, vocabulary.TASK_IDS["offset"], sustain, key + 39, time + 20, sustain,
+                       key + 41, time + 3]])
+  audio = jax.random.uniform(jax.random.key(3), (1, 30, 352))
+  params = model.init(jax.random.key(1), tokens, audio)["params"]
+  # Learnt readouts and the velocity prior zero: the reader's logits are the end prior alone.
+  zeros = jax.tree.map(jnp.zeros_like, {k: v for k, v in params["note_reader"].items() if not k.startswith("conv")})
+  reader_params = {**params["note_reader"], **zeros, "end_prior": np.float32(0.25)}
+  channels = params["note_reader"]["conv_out"]["kernel"].shape[-1]
+  plain = {k: v for k, v in params.items() if k != "note_reader"}
+  bias = (model.apply({"params": {**plain, "note_reader": reader_params}}, tokens, audio)
+          - _decoder().apply({"params": plain}, tokens, audio))  # [1, 8, vocab]: the reader's logits
+  reader = note_reader.NoteReader(channels, vocabulary.VOCAB_SIZE, (time, vocabulary.NUM_TIMES, 0.5), (key, 88),
+                                  (vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES), sustain)
+
+  def read_at(t):  # the reader's logits at key 41's pitch token read at time t
+    times = jnp.array([[t]])
+    written = note_reader.written_times(tokens[:, 6:7], times, (key, 88), jnp.full((1, 88), -1))
+    return reader.apply({"params": reader_params}, audio, tokens[:, 6:7], times, written,
+                        method=lambda r, a, *args: r(r.maps(a), *args))[0, 0]
+
+  np.testing.assert_allclose(bias[0, 6], read_at(0), atol=1e-4)
+  assert np.abs(np.asarray(read_at(20) - read_at(0))).max() > 0.1  # the frame read matters
+  # The decode cache carries the reader's time across calls.
+  cache = model.init_cache(audio)
+  out = []
+  for i, chunk in enumerate((tokens[:, :5], tokens[:, 5:6], tokens[:, 6:])):
+    logits, mutated = model.apply({"params": {**plain, "note_reader": reader_params}, "cache": cache}, chunk,
+                                  audio if i == 0 else None, decode=True, mutable=["cache"])
+    cache = mutated["cache"]
+    out.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(out, axis=1),
+                             model.apply({"params": {**plain, "note_reader": reader_params}}, tokens, audio),
+                             atol=1e-4)
+
+
 def test_the_config_maps_the_reader_and_refuses_the_crnn():
   config = base.get_config("offset,encoder=hppnet,runlocal")
   assert transcriber.build_decoder(config).note_reader == 0

@@ -463,16 +463,24 @@ class Decoder(nn.Module):
       prefix_slots = num_prefix
     rotary = rotary_dims(self.dim // self.num_heads, self.rope_fraction)
     time_dims = rotary_dims(rotary, self.rope_time)  # the same even rounding, of the rotated features
-    times = None
-    if time_dims or reader is not None:
+
+    def reached(name, tokens):  # token_times of `tokens`, continued across decode calls in cache `name`
       time_start = jnp.zeros(tokens.shape[:1], jnp.int32)  # [batch]
       if decode:
-        reached = self.variable("cache", "time_reached", jnp.zeros, tokens.shape[:1], jnp.int32)
-        time_start = time_start if prefill else reached.value
+        last = self.variable("cache", name, jnp.zeros, tokens.shape[:1], jnp.int32)
+        time_start = time_start if prefill else last.value
       times = token_times(tokens, *self.time_tokens[:2], time_start)  # [batch, n]
       if decode:
-        reached.value = times[:, -1]
+        last.value = times[:, -1]
+      return times
+
+    times = reached("time_reached", tokens) if time_dims else None
     if reader is not None:
+      # The reader reads each note from its onset, and `note_sustain` counts as time 0: as an onset it
+      # marks a note carried in from an earlier segment, which sounds from the segment's start and not from
+      # the previous note's end, the time the sequence has reached (as an end, the next onset follows).
+      carried_at_0 = jnp.where(tokens == self.sustain_token, self.time_tokens[0], tokens)  # [batch, n]
+      note_times = reached("note_time_reached", carried_at_0)  # [batch, n]
       written_start = jnp.full((tokens.shape[0], note_reader_lib.NUM_KEYS), -1, jnp.int32)  # [batch, 88]
       if decode:
         # The prefill computes the key states and their readouts from the audio; later calls read them back.
@@ -483,7 +491,7 @@ class Decoder(nn.Module):
         else:
           written_start = keys_written.value
         reader_maps = cached_maps.value
-      written = note_reader_lib.written_times(tokens, times, self.key_tokens, written_start)  # [batch, n, 88]
+      written = note_reader_lib.written_times(tokens, note_times, self.key_tokens, written_start)  # [batch, n, 88]
       if decode:
         keys_written.value = written[:, -1]
     # Feature groups: times first, then sequence indices (prefix frames at rotary position 0).
@@ -508,7 +516,7 @@ class Decoder(nn.Module):
                     param_dtype=self.param_dtype, name="head")
     logits = rowwise(head, x).astype(jnp.float32)  # [batch, n, vocab]
     if reader is not None:
-      logits = logits + reader(reader_maps, tokens, times, written)
+      logits = logits + reader(reader_maps, tokens, note_times, written)
     return logits
 
   @nn.nowrap
