@@ -263,6 +263,17 @@ def results_table(encoder, params, seen, heldout):
   return "\n".join([fmt(headers), "-" * len(fmt(headers))] + [fmt(r) for r in rows])
 
 
+def steps_line(workdir) -> str:
+  """Each stage's training steps and the step of the checkpoint transcription uses (its best by
+  validation). Under a time budget the machine's speed decides the steps, and the steps the scores."""
+  parts = []
+  for stage in STAGES:
+    choice = checkpoint.choose(checkpoint.stage_dir(workdir, stage), "best")
+    if choice is not None:
+      parts.append(f"{stage} {choice.latest} (uses {choice.step})")
+  return "steps trained (checkpoint used): " + ", ".join(parts)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -292,7 +303,7 @@ def main(argv):
   seen = run_evaluation(python, workdir, data_dir, "test", preset)
   heldout_dir = os.path.join(data_dir, synth.HELDOUT_DIR)
   heldout = run_evaluation(python, workdir, heldout_dir, "heldout", preset) if os.path.isdir(heldout_dir) else {}
-  table = results_table(args.encoder, count_params(workdir), seen, heldout)
+  table = results_table(args.encoder, count_params(workdir), seen, heldout) + "\n\n" + steps_line(workdir)
   with open(os.path.join(workdir, "results.txt"), "w") as f:
     f.write(table + "\n")
   print("\n" + table)

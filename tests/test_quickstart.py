@@ -1,5 +1,6 @@
 """The quickstart: budgeted stage runs, resumption, its commands and its results table."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -82,8 +83,13 @@ def test_smoke_quickstart_end_to_end_and_resume(tmp_path):
          "--corpus_minutes=2.5"]
   first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-  table = (tmp_path / "results.txt").read_text().splitlines()
+  table, steps = (tmp_path / "results.txt").read_text().strip().split("\n\n")
+  table = table.splitlines()
   assert [row.split()[1] for row in table[2:]] == ["Roll", "Flatten", "Hierarchy"]
+  # The steps each stage trained and the checkpoint it is used at: a budget's outcome depends on them.
+  trained = re.findall(r"(\w+) (\d+) \(uses (\d+)\)", steps)
+  assert [stage for stage, _, _ in trained] == list(quickstart.STAGES), steps
+  assert all(0 < int(used) <= int(latest) for _, latest, used in trained), steps
   for row in table[2:]:
     scores = [float(x) for x in row.split()[4:10]]  # seen and held-out On / On-Off / On-Off-Vel
     assert all(0.0 <= s <= 1.0 for s in scores)
