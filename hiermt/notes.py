@@ -87,6 +87,30 @@ class Notes:
     return cls(np.zeros(0), np.zeros(0), np.zeros(0, np.int32), np.zeros(0, np.int32))
 
 
+def one_note_per_key(notes: Notes) -> Notes:
+  """`notes` with at most one note sounding on each key at a time.
+
+  A note ends no later than the next onset of its pitch, and of notes that
+  start together on one key only the first (in `Notes` order) is kept. A piano
+  key struck again ends the note it was sounding (the references obey this:
+  `read_midi`'s pedal rule cuts a held note at a re-strike), and a MIDI file
+  cannot hold two overlapping notes of one key: a reader pairs the first
+  note-off with either note-on. The decoders describe each note by itself
+  (the offset stage never sees a key's next onset, which comes later in its
+  sequence), so their notes can overlap; this is where they stop doing so.
+  """
+  by_key = np.lexsort((notes.onset, notes.pitch))  # [n] by pitch, then onset; stable for ties
+  pitch, onset = notes.pitch[by_key], notes.onset[by_key]
+  first = np.ones(len(by_key), bool)
+  first[1:] = (pitch[1:] != pitch[:-1]) | (onset[1:] != onset[:-1])
+  by_key = by_key[first]
+  pitch, onset, offset = notes.pitch[by_key], notes.onset[by_key], notes.offset[by_key]
+  next_onset = np.full(len(by_key), np.inf)  # [n], the next onset of the same key
+  same_key = pitch[1:] == pitch[:-1]
+  next_onset[:-1][same_key] = onset[1:][same_key]
+  return Notes.create(onset, np.minimum(offset, next_onset), pitch, notes.velocity[by_key])
+
+
 def _check_values(onset, offset, pitch, velocity):
   """Raises ValueError naming the first note with an invalid value."""
   if onset.shape != offset.shape or onset.shape != pitch.shape or onset.shape != velocity.shape:

@@ -147,14 +147,16 @@ def piece_notes(table: NoteTable, velocity, offset: dict, duration: float) -> no
   """The piece's notes: stage-1 onsets and pitches, stage-2 velocities, stage-3 offsets.
 
   Notes without an offset (still sounding when the audio ends) end with the
-  audio (`clip_to_duration`).
+  audio (`clip_to_duration`); a note ends at the latest where the next note of
+  its key starts (`notes.one_note_per_key`).
   """
   if not len(table):
     return notes_lib.Notes.empty()
   end = int(np.ceil(duration * notes_lib.STEPS_PER_SECOND))
   off = np.array([offset.get(i, end) for i in range(len(table))], np.int64)  # [n]
   off = np.maximum(off, table.onset + 1)
-  return clip_to_duration(notes_lib.from_steps(table.onset, off, table.pitch, velocity), duration)
+  return clip_to_duration(notes_lib.one_note_per_key(notes_lib.from_steps(table.onset, off, table.pitch, velocity)),
+                          duration)
 
 
 def clip_to_duration(notes: notes_lib.Notes, duration: float) -> notes_lib.Notes:

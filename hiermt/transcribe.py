@@ -433,7 +433,7 @@ class NoteTranscriber:
         carriable[0] = False  # a piece's first segment: nothing sounds before the audio starts
       tokens += list(stage.free(out["features"], rows, carriable)[0])
       bars["flatten"].update(rows)
-    return stitch.clip_to_duration(vocab.decode_piece(tokens, "flatten"), duration)
+    return stitch.clip_to_duration(notes_lib.one_note_per_key(vocab.decode_piece(tokens, "flatten")), duration)
 
   def _roll(self, segments, duration, bars):
     stage = self.stages["encoder"]

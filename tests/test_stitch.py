@@ -106,6 +106,15 @@ def test_piece_notes_joins_stages_and_ends_open_notes_with_the_audio():
   assert [int(r[3]) for r in rows] == [10, 20, 30, 40, 50]
 
 
+def test_piece_notes_end_a_note_where_its_key_is_struck_again():
+  # Note 0 (key 60 at 1.0 s) was given an end past note 4 (key 60 again at 20.1 s): the stages
+  # describe notes one by one, the piece keeps one sounding note per key.
+  table = stitch.NoteTable.from_onset_tokens(TOKENS)
+  notes = stitch.piece_notes(table, np.arange(5), {0: 2300, 1: 1200, 2: 2500, 3: 1500, 4: 2400}, 25.0)
+  rows = sorted(zip(notes.onset.tolist(), notes.offset.tolist(), notes.pitch.tolist()))
+  assert rows == [(1.0, 12.0, 64), (1.0, 20.1, 60), (9.0, 25.0, 48), (10.5, 15.0, 72), (20.1, 24.0, 60)]
+
+
 def test_clip_to_duration_drops_padding_onsets_and_shortens_offsets():
   notes = notes_lib.Notes.create([1.0, 4.5, 5.2], [6.0, 4.99, 7.0], [60, 61, 62], [9, 9, 9])
   clipped = stitch.clip_to_duration(notes, 5.0)
