@@ -91,20 +91,22 @@ def test_routes_add_hand_computed_logits():
 
 
 def test_roll_priors_add_hand_computed_logits():
-  # Key 5's rolls: frame roll 0.9, 0.9, 0.8, 0.5, 0.1, 0.1 over frames 0..5; velocity roll 2 / 128
-  # at frame 1 (velocity 2). Its pitch token at time 2 (frame 1, f0 = 1); scalars: velocity 1, end 1/4
+  # Key 5's rolls: frame roll 0.9, 0.9, 0.8, 0.5, 0.1, 0.1 over frames 0..5; onset roll peaking at
+  # frame 2, where the velocity roll is 2 / 128 (velocity 2; 100 at frame 1). Its pitch token at time 2
+  # (frame 1, f0 = 1) reads the velocity at the onset peak next to it; scalars: velocity 1, end 1/4
   # (the end log-probabilities times END_SCALE x 1/4 = 1).
   rolls = np.zeros((1, 6, 88, 4), np.float32)  # [batch, frames, keys, (onset, frame, offset, velocity)]
   rolls[0, :, 5, 1] = 0.9, 0.9, 0.8, 0.5, 0.1, 0.1
-  rolls[0, 1, 5, 3] = 2 / 128
+  rolls[0, :3, 5, 0] = 0.1, 0.2, 0.8
+  rolls[0, 1:3, 5, 3] = 100 / 128, 2 / 128
   rolls[0, 1, 6, 3] = 1.0  # another key's velocity is not read
   params = _no_readouts(2) | {"velocity_prior": np.float32(1.0), "end_prior": np.float32(0.25)}
   tokens, times = jnp.array([[12, 105]]), jnp.array([[2, 2]])
   bias = _bias(params, np.zeros((1, 6, 88, 2), np.float32), rolls, tokens, times)
 
   want = np.zeros((1, 2, VOCAB), np.float32)
-  # Velocities 0..4 against velocity 2, in steps of 4: -((v - 2) / 4)^2.
-  want[0, 1, 190:195] = [-0.25, -0.0625, 0.0, -0.0625, -0.25]
+  # Velocities 0..4 against velocity 2, in steps of 4: -log(1 + ((v - 2) / 4)^2).
+  want[0, 1, 190:195] = -np.log([1.25, 1.0625, 1.0, 1.0625, 1.25])
   # Times 0..11 name frames 0, 0, 1, 1, ..., 5, 5; a note cannot end before frame f0 + 1 = 2. Ending at
   # frame e: held over frames 2 .. e - 1, released at e.
   log = np.log
@@ -112,6 +114,15 @@ def test_roll_priors_add_hand_computed_logits():
   want[0, 1, 10:22] = [at[max(t // 2, 2)] for t in range(12)]
   want[0, 1, SUSTAIN] = log(0.8 * 0.5 * 0.1 * 0.1)  # held through the last frame
   np.testing.assert_allclose(bias, want, rtol=1e-5, atol=1e-6)
+
+
+def test_velocity_is_read_at_the_onset_peak_next_to_a_frame():
+  # One key over 5 frames: onset roll 0.1, 0.3, 0.9, 0.2, 0.2; velocity roll 10, 20, 30, 40, 50 (/ 128).
+  onset = np.array([0.1, 0.3, 0.9, 0.2, 0.2], np.float32).reshape(1, 5, 1)
+  velocity = np.array([10, 20, 30, 40, 50], np.float32).reshape(1, 5, 1) / 128
+  read = note_reader._velocity_at_onset_peaks(jnp.asarray(onset), jnp.asarray(velocity)) * 128
+  # Frame 0 looks at 0..1 (peak 1), frames 1..3 see the peak at 2, frame 4 ties 3 and keeps itself.
+  np.testing.assert_allclose(np.asarray(read)[0, :, 0], [20, 30, 30, 30, 50], rtol=1e-6)
 
 
 def test_key_states_read_each_key_by_its_own_rolls():
@@ -150,12 +161,20 @@ def _inputs():
           jax.random.uniform(k2, (2, 30, 352)))  # 30 HPPNet frames, 15 pooled prefix frames
 
 
-def test_a_fresh_reader_leaves_the_decoder_unchanged():
+def test_a_fresh_reader_adds_only_its_velocity_prior():
+  # Learnt readouts start at zero and the velocity prior at VELOCITY_PRIOR_INIT: a fresh reader moves
+  # velocity logits only, and with that prior at zero it leaves the decoder unchanged.
   tokens, audio = _inputs()
   params = _decoder(note_reader=8).init(jax.random.key(1), tokens, audio)["params"]
-  with_reader = _decoder(note_reader=8).apply({"params": params}, tokens, audio)
-  plain = {k: v for k, v in params.items() if k != "note_reader"}
-  np.testing.assert_array_equal(with_reader, _decoder().apply({"params": plain}, tokens, audio))
+  assert float(params["note_reader"]["velocity_prior"]) == note_reader.VELOCITY_PRIOR_INIT > 0
+  with_reader = np.asarray(_decoder(note_reader=8).apply({"params": params}, tokens, audio))
+  plain = np.asarray(_decoder().apply({"params": {k: v for k, v in params.items() if k != "note_reader"}},
+                                      tokens, audio))
+  velocities = np.arange(vocabulary.VELOCITY_OFFSET, vocabulary.VELOCITY_OFFSET + vocabulary.NUM_VELOCITIES)
+  moved = np.abs(with_reader - plain).max(axis=(0, 1)) > 0  # [vocab]
+  assert moved[velocities].any() and not np.delete(moved, velocities).any()
+  no_prior = {**params, "note_reader": {**params["note_reader"], "velocity_prior": np.float32(0)}}
+  np.testing.assert_array_equal(_decoder(note_reader=8).apply({"params": no_prior}, tokens, audio), plain)
 
 
 def test_cached_decoding_matches_full_forward_with_the_reader():

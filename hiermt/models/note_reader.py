@@ -20,10 +20,11 @@ reference; docs/design.md). The reader builds the lookup in:
 * time route: at a pitch token, every time token's logit gets that key's
   readout at the frame the time names — where the key's note ends; and at
   every position the strongest key's second readout — where notes start;
-* roll priors: at a pitch token, two learnt scalars (zero-init) weigh what the
-  encoder's own rolls say of that note: its velocity roll at the note's frame
-  (a Gaussian bump over the velocity tokens; HPPNet's roll decoding averages
-  the roll over the onset's frames) and where its frame roll lets it end
+* roll priors: at a pitch token, two learnt scalars weigh what the encoder's
+  own rolls say of that note: its velocity roll where its onset roll peaks,
+  at the note's frame or a neighbour (a heavy-tailed bump over the velocity
+  tokens, -k log(1 + ((v - roll velocity) / 4)^2); HPPNet trains the
+  velocity head on onset frames only) and where its frame roll lets it end
   (each end time's log-probability that the key stays held from the note's
   frame on and is released there, the frame rolls taken as independent;
   `note_sustain` gets the probability of being held past the segment).
@@ -39,8 +40,12 @@ reference; docs/design.md). The reader builds the lookup in:
   that notes still start there, and the model left a chord's other keys out
   (half the notes it missed on the recipe's validation pieces).
 
-Every readout starts at zero, so an initialised decoder is the plain one. The
-decoder stays an autoregressive LM over the whole prefix; the reader only adds
+Every readout starts at zero, and so does the end prior; the velocity prior
+starts at `VELOCITY_PRIOR_INIT` = 1, where its bump decides the argmax: at
+CPU scale the velocity stage learnt on top of a weak (Gaussian, zero-init)
+bump writes worse velocities on unseen pieces than the roll it reads, and the
+heavy tail keeps a sharp bump at a sane loss (docs/design.md). The decoder
+stays an autoregressive LM over the whole prefix; the reader only adds
 logits computed from the same features.
 """
 
@@ -59,10 +64,11 @@ ROLLS = hppnet.ROLLS  # the rolls of each key, in the order of the features
 # Velocity rolls are trained on MIDI velocity / 128 (HPPNet's targets).
 VELOCITY_SCALE = 128.0
 # Units of the roll priors' scalars, so that Adam's ~lr-sized steps reach a useful sharpness within a
-# few hundred steps: the velocity bump's logit is -prior * ((v - roll velocity) / VELOCITY_STEPS)^2,
+# few hundred steps: the velocity bump's logit is -prior * log(1 + ((v - roll velocity) / VELOCITY_STEPS)^2),
 # the end log-probabilities are multiplied by END_SCALE * prior.
 VELOCITY_STEPS = 4.0
 END_SCALE = 4.0
+VELOCITY_PRIOR_INIT = 1.0
 # Frame probabilities are clipped this far from 0 and 1 before their logs (sigmoid outputs round to 1).
 PROB_EPS = 1e-3
 KERNEL_FRAMES = 5  # each convolution sees +-2 frames (+-40 ms at 50 frames per second)
@@ -87,6 +93,23 @@ def written_times(tokens: jax.Array, times: jax.Array, key_tokens: tuple, start:
   hit = key[..., None] == jnp.arange(key_tokens[1])  # [batch, n, 88]
   marks = jnp.where(hit, times[..., None], -1)  # [batch, n, 88]
   return jnp.maximum(jax.lax.cummax(marks, axis=1), start[:, None]).astype(jnp.int32)
+
+
+def _velocity_at_onset_peaks(onset: jax.Array, velocity: jax.Array) -> jax.Array:
+  """Each frame's velocity roll read where the onset roll is highest among the frame and its two
+  neighbours (the frame itself on ties), `onset`, `velocity` `[batch, frames, 88]` -> `[batch, frames, 88]`.
+
+  HPPNet's velocity head is trained on onset frames only, so elsewhere it says little; a note's
+  time token can land a frame before or after its onset's peak.
+  """
+  frames = onset.shape[1]
+  pad = lambda x, value: jnp.pad(x, ((0, 0), (1, 1), (0, 0)), constant_values=value)  # noqa: E731
+  onset, velocity = pad(onset, -1.0), pad(velocity, 0.0)
+  # The frame itself first, so that argmax keeps it on ties: [batch, frames, 88, 3] each.
+  shifts = (1, 0, 2)
+  onsets = jnp.stack([onset[:, s:s + frames] for s in shifts], axis=-1)
+  velocities = jnp.stack([velocity[:, s:s + frames] for s in shifts], axis=-1)
+  return jnp.take_along_axis(velocities, jnp.argmax(onsets, axis=-1)[..., None], axis=-1)[..., 0]
 
 
 def _gather_frames(x: jax.Array, frames: jax.Array) -> jax.Array:
@@ -126,7 +149,9 @@ class NoteReader(nn.Module):
     self.velocity_readout = dense(2, name="velocity_readout")  # (a, b) of a u + b u^2
     scalar = lambda name: self.param(name, nn.initializers.zeros_init(), (), self.param_dtype)  # noqa: E731
     self.written = scalar("written")
-    self.velocity_prior, self.end_prior = scalar("velocity_prior"), scalar("end_prior")
+    self.velocity_prior = self.param("velocity_prior", nn.initializers.constant(VELOCITY_PRIOR_INIT), (),
+                                     self.param_dtype)
+    self.end_prior = scalar("end_prior")
 
   def _rolls(self, features: jax.Array) -> jax.Array:
     """Encoder features `[batch, frames, 88 * 4]`, interleaved per key -> `[batch, frames, 88, 4]`."""
@@ -157,7 +182,8 @@ class NoteReader(nn.Module):
     rolls = rolls.astype(jnp.float32)
     held = jnp.clip(rolls[..., ROLLS.index("frame")], PROB_EPS, 1 - PROB_EPS)  # [batch, frames, 88]
     return {"states": states, "keys": readouts[..., :2], "key_starts": readouts[..., 2],
-            "starts": jnp.max(readouts[..., 2], axis=2), "velocity": rolls[..., ROLLS.index("velocity")],
+            "starts": jnp.max(readouts[..., 2], axis=2),
+            "velocity": _velocity_at_onset_peaks(rolls[..., ROLLS.index("onset")], rolls[..., ROLLS.index("velocity")]),
             "held": jnp.cumsum(jnp.log(held), axis=1), "released": jnp.log1p(-held)}
 
   def __call__(self, maps: dict, tokens: jax.Array, times: jax.Array, written: jax.Array) -> jax.Array:
@@ -208,7 +234,7 @@ class NoteReader(nn.Module):
     # [batch, n, 1]: the key's velocity roll at the note's frame
     velocity_roll = jnp.take_along_axis(_gather_frames(maps["velocity"], frames), key[..., None], axis=2)
     miss = (jnp.arange(velocity_count) - VELOCITY_SCALE * velocity_roll) / VELOCITY_STEPS  # [batch, n, count]
-    velocity_bias -= jnp.where(is_key[..., None], self.velocity_prior * miss * miss, 0)
+    velocity_bias -= jnp.where(is_key[..., None], self.velocity_prior * jnp.log1p(miss * miss), 0)
     held, released = over_frames(maps["held"]), over_frames(maps["released"])  # [batch, n, frames] each
     # Ending at frame e > f0: held at f0 + 1 .. e - 1, released at e (HPPNet's roll rule starts at f0 + 1).
     held_f0 = jnp.take_along_axis(held, frames[..., None], axis=2)  # [batch, n, 1]
