@@ -306,3 +306,28 @@ def test_segments_carry_only_the_pitches_sounding_at_their_start():
   sounding = transcribe._sounding_at_start(frame)
   assert sounding.shape == (2, vocab.NUM_PITCHES)
   assert [np.flatnonzero(row).tolist() for row in sounding] == [[60], [64]]
+
+
+class _FlattenTokens:
+  """A flatten stage that writes given tokens for every segment (no model)."""
+
+  def __init__(self, tokens):
+    self.tokens = np.asarray(tokens, np.int32)
+
+  def encode(self, chunk, batch):
+    return {"frame": np.zeros((batch, 500, 88), np.float32), "features": None}
+
+  def free(self, features, rows, carriable=None):
+    tokens = np.tile(self.tokens, (rows, 1))
+    return tokens, np.ones(tokens.shape, np.float32)
+
+
+def test_flatten_ends_a_note_where_its_key_is_struck_again():
+  # Key 60 at 1.0 s written to end at 5.0 s, struck again at 3.0 s (ends 7.0 s): one sounding note per key.
+  T, P, V = vocab.time_id, vocab.pitch_id, vocab.velocity_id
+  tokens = [vocab.SOS, vocab.TASK_IDS["flatten"], T(100), P(60), T(500), V(80), T(300), P(60), T(700), V(90),
+            vocab.EOS]
+  notes = transcribe.NoteTranscriber("flatten", {"flatten": _FlattenTokens(tokens)}, 1).transcribe(
+      np.zeros(10 * 16000, np.float32))
+  rows = list(zip(notes.onset.tolist(), notes.offset.tolist(), notes.pitch.tolist(), notes.velocity.tolist()))
+  assert rows == [(1.0, 3.0, 60, 80), (3.0, 7.0, 60, 90)]
