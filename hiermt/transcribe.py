@@ -24,7 +24,9 @@ The audio is cut into 10 s segments (the last one zero-padded); segments are
 processed in chunks of `--batch_segments`, each chunk going through every stage
 before the next, so memory stays bounded for any length. Within a chunk all
 segments are decoded as one batch (hiermt/decode.py); notes sustained across
-segments are stitched by hiermt/stitch.py. Python API:
+segments are stitched by hiermt/stitch.py, and a decoded note ends at the
+latest where the next note of its key starts (`notes.one_note_per_key`: a MIDI
+file holds one sounding note per key). Python API:
 
   t = transcribe.load(workdir, layout="hierarchy")
   notes = t.transcribe("piece.flac")     # or a float32 16 kHz mono array
