@@ -22,6 +22,9 @@ from hiermt import atomic_file
 
 # Token time resolution: 10 ms steps.
 STEPS_PER_SECOND = 100
+# Decoded notes of one key this close are one stroke (`one_note_per_key`): a key is not struck
+# twice within 40 ms, the note reader's `WRITTEN_FRAMES` too.
+SAME_STROKE_SECONDS = 0.04
 SUSTAIN_CONTROL = 64
 # note_seq's event order at equal times: pedal down, pedal up, note on, note off.
 _PEDAL_DOWN, _PEDAL_UP, _NOTE_ON, _NOTE_OFF = 0, 1, 2, 3
@@ -90,25 +93,30 @@ class Notes:
 def one_note_per_key(notes: Notes) -> Notes:
   """`notes` with at most one note sounding on each key at a time.
 
-  A note ends no later than the next onset of its pitch, and of notes that
-  start together on one key only the first (in `Notes` order) is kept. A piano
-  key struck again ends the note it was sounding (the references obey this:
-  `read_midi`'s pedal rule cuts a held note at a re-strike), and a MIDI file
-  cannot hold two overlapping notes of one key: a reader pairs the first
-  note-off with either note-on. The decoders describe each note by itself
-  (the offset stage never sees a key's next onset, which comes later in its
-  sequence), so their notes can overlap; this is where they stop doing so.
+  Notes of one key starting within `SAME_STROKE_SECONDS` of the one before
+  are one stroke: the first is kept, with its velocity, and lasts as long as
+  the longest of them. Then a note ends no later than the next onset of its
+  key. A piano key struck again ends the note it was sounding (the references
+  obey this: `read_midi`'s pedal rule cuts a held note at a re-strike), and a
+  MIDI file cannot hold two overlapping notes of one key: a reader pairs the
+  first note-off with either note-on. The decoders describe each note by
+  itself (the offset stage never sees a key's next onset, which comes later
+  in its sequence, and onset_pitch can write a key again a step or two
+  later), so their notes can overlap; this is where they stop doing so.
   """
   by_key = np.lexsort((notes.onset, notes.pitch))  # [n] by pitch, then onset; stable for ties
-  pitch, onset = notes.pitch[by_key], notes.onset[by_key]
-  first = np.ones(len(by_key), bool)
-  first[1:] = (pitch[1:] != pitch[:-1]) | (onset[1:] != onset[:-1])
-  by_key = by_key[first]
   pitch, onset, offset = notes.pitch[by_key], notes.onset[by_key], notes.offset[by_key]
-  next_onset = np.full(len(by_key), np.inf)  # [n], the next onset of the same key
+  first = np.ones(len(by_key), bool)
+  # A gap of exactly SAME_STROKE_SECONDS (4 grid steps) counts as one stroke, whatever the float rounding.
+  first[1:] = (pitch[1:] != pitch[:-1]) | (np.diff(onset) > SAME_STROKE_SECONDS + 1e-9)
+  stroke = np.cumsum(first) - 1  # [n] index of each note's stroke
+  end = np.full(stroke[-1] + 1 if len(stroke) else 0, -np.inf)
+  np.maximum.at(end, stroke, offset)  # [strokes] the longest note of each stroke
+  pitch, onset = pitch[first], onset[first]
+  next_onset = np.full(len(onset), np.inf)  # [strokes], the next onset of the same key
   same_key = pitch[1:] == pitch[:-1]
   next_onset[:-1][same_key] = onset[1:][same_key]
-  return Notes.create(onset, np.minimum(offset, next_onset), pitch, notes.velocity[by_key])
+  return Notes.create(onset, np.minimum(end, next_onset), pitch, notes.velocity[by_key][first])
 
 
 def _check_values(onset, offset, pitch, velocity):

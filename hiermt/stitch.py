@@ -148,7 +148,8 @@ def piece_notes(table: NoteTable, velocity, offset: dict, duration: float) -> no
 
   Notes without an offset (still sounding when the audio ends) end with the
   audio (`clip_to_duration`); a note ends at the latest where the next note of
-  its key starts (`notes.one_note_per_key`).
+  its key starts, and notes of one key 40 ms apart or less are one
+  (`notes.one_note_per_key`).
   """
   if not len(table):
     return notes_lib.Notes.empty()

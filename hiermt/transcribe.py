@@ -25,8 +25,9 @@ processed in chunks of `--batch_segments`, each chunk going through every stage
 before the next, so memory stays bounded for any length. Within a chunk all
 segments are decoded as one batch (hiermt/decode.py); notes sustained across
 segments are stitched by hiermt/stitch.py, and a decoded note ends at the
-latest where the next note of its key starts (`notes.one_note_per_key`: a MIDI
-file holds one sounding note per key). Python API:
+latest where the next note of its key starts, notes of one key 40 ms apart or
+less being one (`notes.one_note_per_key`: a MIDI file holds one sounding note
+per key). Python API:
 
   t = transcribe.load(workdir, layout="hierarchy")
   notes = t.transcribe("piece.flac")     # or a float32 16 kHz mono array

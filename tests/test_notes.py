@@ -97,18 +97,20 @@ def test_notes_create_sorts_and_freezes():
   assert len(notes.Notes.empty()) == 0
 
 
-def test_one_note_per_key_cuts_at_the_next_onset_of_the_key_and_drops_doubles():
+def test_one_note_per_key_cuts_at_the_next_onset_and_joins_one_strokes_notes():
   n = notes.Notes.create(
-      onset=[0.0, 0.5, 0.5, 1.0, 2.0, 2.0, 3.0],
-      offset=[4.0, 0.6, 2.5, 1.5, 5.0, 2.2, 3.1],
-      pitch=[60, 64, 60, 64, 60, 60, 60],
-      velocity=[1, 2, 3, 4, 5, 6, 7])
+      onset=[0.0, 0.5, 2.0, 2.0, 3.0, 0.5, 1.0, 1.04, 1.1],
+      offset=[4.0, 2.5, 5.0, 2.2, 3.1, 0.6, 1.01, 1.5, 1.2],
+      pitch=[60, 60, 60, 60, 60, 64, 64, 64, 64],
+      velocity=[1, 3, 5, 6, 7, 2, 4, 8, 9])
   one = notes.one_note_per_key(n)
-  # Key 60: 0.0 ends at 0.5 (was 4.0), 0.5 at 2.0 (was 2.5), of the two at 2.0 the first in Notes
-  # order (offset 2.2) is kept and ends there, 3.0 is last. Key 64 never overlaps: unchanged.
+  # Key 60: 0.0 ends at 0.5 (was 4.0), 0.5 at 2.0 (was 2.5); the two at 2.0 are one stroke: the first
+  # in Notes order (offset 2.2, velocity 6) is kept, lasts as the longer (5.0) and is cut at 3.0.
+  # Key 64: 1.0 and 1.04 (40 ms apart) are one stroke, velocity 4, ending as the longer (1.5) but cut
+  # at 1.1, 60 ms after 1.04: a stroke of its own.
   rows = sorted(zip(one.onset.tolist(), one.offset.tolist(), one.pitch.tolist(), one.velocity.tolist()))
-  assert rows == [(0.0, 0.5, 60, 1), (0.5, 0.6, 64, 2), (0.5, 2.0, 60, 3), (1.0, 1.5, 64, 4),
-                  (2.0, 2.2, 60, 6), (3.0, 3.1, 60, 7)]
+  assert rows == [(0.0, 0.5, 60, 1), (0.5, 0.6, 64, 2), (0.5, 2.0, 60, 3), (1.0, 1.1, 64, 4),
+                  (1.1, 1.2, 64, 9), (2.0, 3.0, 60, 6), (3.0, 3.1, 60, 7)]
   assert len(notes.one_note_per_key(notes.Notes.empty())) == 0
 
 
