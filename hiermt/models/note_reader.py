@@ -73,7 +73,8 @@ VELOCITY_PRIOR_INIT = 1.0
 PROB_EPS = 1e-3
 KERNEL_FRAMES = 5  # each convolution sees +-2 frames (+-40 ms at 50 frames per second)
 # A key written this many frames or fewer before a time has no new note there (40 ms: a key is
-# not struck twice that fast, and a note's onset tolerance is 50 ms).
+# not struck twice that fast, and a note's onset tolerance is 50 ms; notes.SAME_STROKE_SECONDS joins
+# decoded notes by the same rule).
 WRITTEN_FRAMES = 2
 
 
