@@ -110,7 +110,7 @@ def one_note_per_key(notes: Notes) -> Notes:
   # A gap of exactly SAME_STROKE_SECONDS (4 grid steps) counts as one stroke, whatever the float rounding.
   first[1:] = (pitch[1:] != pitch[:-1]) | (np.diff(onset) > SAME_STROKE_SECONDS + 1e-9)
   stroke = np.cumsum(first) - 1  # [n] index of each note's stroke
-  end = np.full(stroke[-1] + 1 if len(stroke) else 0, -np.inf)
+  end = np.full(np.count_nonzero(first), -np.inf)
   np.maximum.at(end, stroke, offset)  # [strokes] the longest note of each stroke
   pitch, onset = pitch[first], onset[first]
   next_onset = np.full(len(onset), np.inf)  # [strokes], the next onset of the same key
