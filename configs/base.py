@@ -146,6 +146,11 @@ def get_config(arg=None):
   # HPPNet's per-key rolls to the pitch, velocity and time tokens of the key in question.
   # 0: off, the paper's decoder (and the only choice with the CRNN, whose features are not per key).
   c.decoder.note_reader = 0
+  # The note reader's onset roll prior: the next key, onset time or end of the notes as the
+  # encoder's onset roll would have them, weighed by a learnt scalar that starts at 1
+  # (hiermt/models/note_reader.py). Needs note_reader > 0; used by onset_pitch, the other stages
+  # ignore it (an end time or a velocity follows their pitch tokens).
+  c.decoder.onset_prior = False
 
   # --- decoding -----------------------------------------------------------
   c.decode = ml_collections.ConfigDict()

@@ -120,7 +120,7 @@ PRESETS = {
         # the note starts, On F1 0.68 at step 300. decode.min_pitch_prob 0.3: On F1 0.828 on the
         # whole validation pieces at onset_pitch step 561 (0.796 at 0.5, 0.688 at 0.7; docs/design.md).
         encoder_overrides={"crnn": {"encoder.width": 0.125},
-                           "hppnet": {"encoder.width": 0.25, "decoder.note_reader": 16,
+                           "hppnet": {"encoder.width": 0.25, "decoder.note_reader": 16, "decoder.onset_prior": True,
                                       "decode.min_pitch_prob": 0.3}}),
     # One GPU: the encoder at its published width and recipe (10 s segments, batch 12), the
     # `tiny` decoder over the unpooled prefix. The LM stages keep the CPU recipe's lr and

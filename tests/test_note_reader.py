@@ -16,8 +16,11 @@ from hiermt.models import transcriber
 VOCAB, TIMES, KEYS, VELOCITIES, SUSTAIN = 200, (10, 12, 0.5), (100, 88), (190, 5), 4
 
 
-def _reader(channels=2):
-  return note_reader.NoteReader(channels, VOCAB, TIMES, KEYS, VELOCITIES, SUSTAIN)
+EOS = 2
+
+
+def _reader(channels=2, **kw):
+  return note_reader.NoteReader(channels, VOCAB, TIMES, KEYS, VELOCITIES, SUSTAIN, **kw)
 
 
 def _no_readouts(channels):
@@ -28,10 +31,10 @@ def _no_readouts(channels):
           "written": np.float32(0), "velocity_prior": np.float32(0), "end_prior": np.float32(0)}
 
 
-def _bias(params, states, rolls, tokens, times):
+def _bias(params, states, rolls, tokens, times, **reader):
   """The reader's logit offsets given key states and rolls directly."""
   written = note_reader.written_times(tokens, times, KEYS, jnp.full((tokens.shape[0], 88), -1))
-  return np.asarray(_reader(states.shape[-1]).apply(
+  return np.asarray(_reader(states.shape[-1], **reader).apply(
       {"params": params}, jnp.asarray(states), jnp.asarray(rolls), tokens, times, written,
       method=lambda r, s, rolls, *a: r(r.read_rolls(s, rolls), *a)))
 
@@ -116,6 +119,47 @@ def test_roll_priors_add_hand_computed_logits():
   np.testing.assert_allclose(bias, want, rtol=1e-5, atol=1e-6)
 
 
+def test_the_onset_prior_adds_hand_computed_logits():
+  # Onset rolls over frames 0..5: key 5 0.8 at frame 1, key 9 0.5 at frame 1, key 7 0.9 at frame 3;
+  # every other value clips to ONSET_EPS. Learnt readouts and the other priors 0, onset prior 1.
+  rolls = np.zeros((1, 6, 88, 4), np.float32)
+  rolls[0, 1, 5, 0], rolls[0, 1, 9, 0], rolls[0, 3, 7, 0] = 0.8, 0.5, 0.9
+  params = _no_readouts(2) | {"onset_prior": np.float32(1.0)}
+  # Time 2 (frame 1), key 5, time 2 again, key 9; then the end of the notes.
+  tokens, times = jnp.array([[12, 105, 12, 109]]), jnp.array([[2, 2, 2, 2]])
+  bias = _bias(params, np.zeros((1, 6, 88, 2), np.float32), rolls, tokens, times, eos_token=EOS, onset_prior=True)
+  log, eps = np.log, note_reader.ONSET_EPS
+  quiet = np.log1p(-eps)  # log(1 - p) of a key without an onset
+
+  # At a time token: key j's onset (its frame or a neighbour), no free key below it. Key 7 peaks at
+  # frame 3, two frames on: at frame 1 it reads eps. Key 5 once written is out (eps), and stops counting.
+  first = bias[0, 0, 100:188]
+  np.testing.assert_allclose(first[[5, 9, 7]], [log(0.8) + 5 * quiet, log(0.5) + log(0.2) + 8 * quiet,
+                                                 log(eps) + log(0.2) + 6 * quiet], rtol=1e-5)
+  again = bias[0, 2, 100:188]
+  np.testing.assert_allclose(again[[5, 9, 0]], [log(eps), log(0.5) + 8 * quiet, log(eps)], rtol=1e-5)
+
+  # After key 5's pitch token, time steps 0..11 are frames 0,0,1,1,..,5,5 (half a frame per step), and each
+  # step's no-onset log-probability is half its frame's. Step 2 (the time reached): only keys above
+  # key 5 (81 quiet, key 9); step 3: every key but key 5 (86 quiet, key 9); steps 4-7 (frames 2-3,
+  # within 2 frames of key 5's note): every key but key 5; steps 8-10 every key; step 11 is the end of
+  # the segment, where no note starts.
+  none = np.zeros(12)
+  none[2], none[3] = 0.5 * (log(0.5) + 81 * quiet), 0.5 * (log(0.5) + 86 * quiet)
+  none[4:6] = 0.5 * 87 * quiet
+  none[6:8] = 0.5 * (log(0.1) + 86 * quiet)
+  none[8:11] = 0.5 * 88 * quiet
+  want = np.zeros(12)
+  want[2:11] = np.cumsum(none)[2:11] - none[2:11] + log(-np.expm1(none[2:11]))
+  np.testing.assert_allclose(bias[0, 1, 10:22], want, rtol=1e-4)
+  np.testing.assert_allclose(bias[0, 1, EOS], none.sum(), rtol=1e-4)
+  # The prior is a distribution over the next time and <eos>.
+  np.testing.assert_allclose(np.exp(want[2:11]).sum() + np.exp(none.sum()), 1.0, rtol=1e-5)
+  # After key 9 (above it only quiet keys at step 2) the likeliest next onset is key 7's, at step 6
+  # (steps before the time reached get 0: the grammar rules them out).
+  assert 2 + np.argmax(bias[0, 3, 12:21]) == 6 and bias[0, 3, 16] > bias[0, 3, EOS]
+
+
 def test_velocity_is_read_at_the_onset_peak_next_to_a_frame():
   # One key over 5 frames: onset roll 0.1, 0.3, 0.9, 0.2, 0.2; velocity roll 10, 20, 30, 40, 50 (/ 128).
   onset = np.array([0.1, 0.3, 0.9, 0.2, 0.2], np.float32).reshape(1, 5, 1)
@@ -177,8 +221,9 @@ def test_a_fresh_reader_adds_only_its_velocity_prior():
   np.testing.assert_array_equal(_decoder(note_reader=8).apply({"params": no_prior}, tokens, audio), plain)
 
 
-def test_cached_decoding_matches_full_forward_with_the_reader():
-  model = _decoder(note_reader=8)
+@pytest.mark.parametrize("onset_prior", [False, True])
+def test_cached_decoding_matches_full_forward_with_the_reader(onset_prior):
+  model = _decoder(note_reader=8, onset_prior=onset_prior, eos_token=vocabulary.EOS)
   tokens, audio = _inputs()
   # Notes at times 4 and 5 (both encoder frame 2), key 39 twice: the keys written carry across calls.
   time, key = vocabulary.TIME_OFFSET, vocabulary.PITCH_OFFSET + 21
@@ -195,7 +240,8 @@ def test_cached_decoding_matches_full_forward_with_the_reader():
     logits, mutated = call(cache, tokens[:, start:start + size], audio if i == 0 else None)
     cache, start = mutated["cache"], start + size
     out.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, atol=1e-4)
+  # rtol: with the onset prior <eos> sums no-onset log-probabilities of random rolls (~-5e4).
+  np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, atol=1e-4, rtol=1e-6)
   # Forgetting the keys written before the last call (key 39 at time 5) changes its logits.
   forgot = dict(before, keys_written=jnp.full_like(before["keys_written"], -1))
   assert np.abs(np.asarray(call(forgot, tokens[:, 8:], None)[0] - out[-1])).max() > 1e-3
@@ -250,6 +296,15 @@ def test_the_config_maps_the_reader_and_refuses_the_crnn():
   assert transcriber.build_decoder(config).key_tokens == (vocabulary.PITCH_OFFSET + 21, 88)
   del config.decoder["note_reader"]  # a config.json saved before the option existed
   assert transcriber.build_decoder(config).note_reader == 0
+  config.decoder.note_reader = 16
+  config.decoder.onset_prior = True  # a prior over the next onset: offset writes an end time there
+  assert not transcriber.build_decoder(config).onset_prior
+  config = base.get_config("onset_pitch,encoder=hppnet,runlocal")
+  config.decoder.onset_prior = True
+  with pytest.raises(ValueError, match="onset_prior is a prior of the note reader"):
+    transcriber.build_decoder(config)
+  config.decoder.note_reader = 16
+  assert transcriber.build_decoder(config).onset_prior
   config = base.get_config("offset,encoder=crnn,runlocal")
   config.decoder.note_reader = 16
   with pytest.raises(ValueError, match="only HPPNet"):

@@ -353,6 +353,9 @@ class Decoder(nn.Module):
     key_tokens, velocity_tokens: (first id, count) of the 88 keys' pitch tokens and of the
       velocity tokens; needed by `note_reader`.
     sustain_token: id of `note_sustain`; needed by `note_reader`.
+    onset_prior: the note reader's onset roll prior over the next pitch, time and `<eos>`
+      (`note_reader.NoteReader.onset_prior`; the stages that write onsets). False: off.
+    eos_token: id of `<eos>`; needed by `onset_prior`.
   """
   vocab_size: int
   num_layers: int
@@ -372,6 +375,8 @@ class Decoder(nn.Module):
   key_tokens: tuple | None = None
   velocity_tokens: tuple | None = None
   sustain_token: int | None = None
+  onset_prior: bool = False
+  eos_token: int | None = None
 
   def _check(self):
     if self.conditioning not in CONDITIONINGS:
@@ -391,6 +396,9 @@ class Decoder(nn.Module):
     if self.note_reader and None in (self.key_tokens, self.velocity_tokens, self.sustain_token):
       raise ValueError("Decoder.note_reader needs Decoder.key_tokens, velocity_tokens and sustain_token (the "
                        "keys' pitch, the velocities' and note_sustain's token ids)")
+    if self.onset_prior and not (self.note_reader and self.eos_token is not None):
+      raise ValueError("Decoder.onset_prior is a note reader's prior: it needs Decoder.note_reader > 0 and "
+                       "Decoder.eos_token")
     for option in ("time_init", "rope_time"):
       if getattr(self, option) and self.conditioning != "prefix":
         raise ValueError(f"Decoder.{option} aligns time tokens with the audio prefix's frames: it needs "
@@ -436,7 +444,8 @@ class Decoder(nn.Module):
       first, count, frames_per_token = self.time_tokens
       reader = note_reader_lib.NoteReader(
           self.note_reader, self.vocab_size, (first, count, frames_per_token * self.prefix_pool), self.key_tokens,
-          self.velocity_tokens, self.sustain_token, self.dtype, self.param_dtype, name="note_reader")
+          self.velocity_tokens, self.sustain_token, self.dtype, self.param_dtype, eos_token=self.eos_token,
+          onset_prior=self.onset_prior, name="note_reader")
       if audio is not None:
         reader_maps = reader.maps(audio)  # key states [batch, frames, 88, channels], readouts, roll priors' rolls
     if audio is not None:

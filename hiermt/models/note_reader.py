@@ -69,6 +69,10 @@ VELOCITY_SCALE = 128.0
 VELOCITY_STEPS = 4.0
 END_SCALE = 4.0
 VELOCITY_PRIOR_INIT = 1.0
+ONSET_PRIOR_INIT = 1.0
+# Onset probabilities are clipped this far from 0: the prior's no-onset odds of a frame multiply over
+# 88 keys (1e-3 would leave every frame a 9 % chance of an onset).
+ONSET_EPS = 1e-5
 # Frame probabilities are clipped this far from 0 and 1 before their logs (sigmoid outputs round to 1).
 PROB_EPS = 1e-3
 KERNEL_FRAMES = 5  # each convolution sees +-2 frames (+-40 ms at 50 frames per second)
@@ -113,6 +117,12 @@ def _velocity_at_onset_peaks(onset: jax.Array, velocity: jax.Array) -> jax.Array
   return jnp.take_along_axis(velocities, jnp.argmax(onsets, axis=-1)[..., None], axis=-1)[..., 0]
 
 
+def _peak_of_neighbours(x: jax.Array) -> jax.Array:
+  """Each frame's highest value among itself and its two neighbours, `[batch, frames, 88]`."""
+  padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0)), mode="edge")
+  return jnp.maximum(jnp.maximum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
+
+
 def _gather_frames(x: jax.Array, frames: jax.Array) -> jax.Array:
   """x `[batch, frames, ...]` at each position's frame, frames int `[batch, n]` -> `[batch, n, ...]`."""
   index = frames.reshape(*frames.shape, *(1,) * (x.ndim - 2))
@@ -129,6 +139,9 @@ class NoteReader(nn.Module):
     key_tokens: (first id, count) of the pitch tokens of the 88 keys, lowest first.
     velocity_tokens: (first id, count) of the velocity tokens, velocity 0 first.
     sustain_token: id of `note_sustain` (a note held past the segment's end).
+    eos_token: id of `<eos>`; needed by `onset_prior`.
+    onset_prior: add the onset roll prior over the next pitch, time and `<eos>` (`onset_logits`),
+      weighed by a learnt scalar that starts at ONSET_PRIOR_INIT; the stages that write onsets.
   """
   channels: int
   vocab_size: int
@@ -138,6 +151,8 @@ class NoteReader(nn.Module):
   sustain_token: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  eos_token: int | None = None
+  onset_prior: bool = False
 
   def setup(self):
     conv = functools.partial(nn.Conv, self.channels, (KERNEL_FRAMES, 1), padding="SAME", dtype=self.dtype,
@@ -153,6 +168,11 @@ class NoteReader(nn.Module):
     self.velocity_prior = self.param("velocity_prior", nn.initializers.constant(VELOCITY_PRIOR_INIT), (),
                                      self.param_dtype)
     self.end_prior = scalar("end_prior")
+    if self.onset_prior:
+      if self.eos_token is None:
+        raise ValueError("NoteReader.onset_prior needs eos_token (the prior's last outcome is <eos>)")
+      self.onset_weight = self.param("onset_prior", nn.initializers.constant(ONSET_PRIOR_INIT), (),
+                                     self.param_dtype)
 
   def _rolls(self, features: jax.Array) -> jax.Array:
     """Encoder features `[batch, frames, 88 * 4]`, interleaved per key -> `[batch, frames, 88, 4]`."""
@@ -182,10 +202,55 @@ class NoteReader(nn.Module):
     readouts = self.key_readout(states)  # [batch, frames, 88, 3]
     rolls = rolls.astype(jnp.float32)
     held = jnp.clip(rolls[..., ROLLS.index("frame")], PROB_EPS, 1 - PROB_EPS)  # [batch, frames, 88]
-    return {"states": states, "keys": readouts[..., :2], "key_starts": readouts[..., 2],
+    maps = {"states": states, "keys": readouts[..., :2], "key_starts": readouts[..., 2],
             "starts": jnp.max(readouts[..., 2], axis=2),
             "velocity": _velocity_at_onset_peaks(rolls[..., ROLLS.index("onset")], rolls[..., ROLLS.index("velocity")]),
             "held": jnp.cumsum(jnp.log(held), axis=1), "released": jnp.log1p(-held)}
+    if self.onset_prior:
+      onset = jnp.clip(rolls[..., ROLLS.index("onset")], ONSET_EPS, 1 - PROB_EPS)  # [batch, frames, 88]
+      peak = _peak_of_neighbours(onset)  # [batch, frames, 88]
+      maps.update(onset_hit=jnp.log(peak), onset_pass=jnp.log1p(-peak), onset_none=jnp.log1p(-onset))
+    return maps
+
+  def _onset_logp(self, maps: dict, frames, done, free, ahead_frames, offset) -> tuple:
+    """The onset roll prior: log-probabilities of what comes next if every key's onset at every
+    frame were an independent event of the onset roll's probability and the sequence listed them in
+    order (time, then rising key), skipping the keys written just before (`done`, `free`).
+
+    Args:
+      maps: `read_rolls` of the audio.
+      frames: int `[batch, n]`, the frame of the time each position has reached.
+      done: bool `[batch, n, 88]`, keys written within WRITTEN_FRAMES frames before it.
+      free: bool `[batch, n, window, 88]`, the keys that can start at each of the `window` time
+        steps from the time reached on (at a pitch token's own time, only keys above it).
+      ahead_frames: int `[batch, n, window]`, those time steps' frames.
+      offset: int `[batch, n, count]`, each time token's step minus the time reached.
+
+    Returns:
+      `[batch, n, 88]`: the next key at the time reached is key j: its onset (the highest of its
+      frame and neighbours: a chord's keys peak a frame apart) and no free key below it;
+      `[batch, n, count]`: the next onset time is t >= the time reached: no free key's onset from
+      the time reached up to t, and one at t (each frame's no-onset log-probability shared by the
+      time steps in it; 0 before the time reached);
+      `[batch, n]`: no onset from the time reached to the segment's end (`<eos>`).
+    """
+    hit = _gather_frames(maps["onset_hit"], frames)  # [batch, n, 88]
+    passed = jnp.where(done, 0.0, _gather_frames(maps["onset_pass"], frames))  # [batch, n, 88]
+    key_logp = jnp.where(done, math.log(ONSET_EPS), hit + jnp.cumsum(passed, axis=-1) - passed)
+    none_ahead = jnp.take_along_axis(maps["onset_none"][:, None], ahead_frames[..., None], axis=2)  # [batch, n, window, 88]
+    none_ahead = jnp.sum(jnp.where(free, none_ahead, 0.0), axis=-1)  # [batch, n, window]
+    window = none_ahead.shape[-1]
+    time_count, frames_per_time = self.time_tokens[1:]
+    last_frame = maps["onset_none"].shape[1] - 1
+    time_frames = jnp.clip(jnp.floor(jnp.arange(time_count) * frames_per_time).astype(jnp.int32), 0, last_frame)
+    none_all = jnp.sum(maps["onset_none"], axis=-1)[:, None, time_frames]  # [batch, 1, count]
+    none = jnp.where(offset < window, jnp.take_along_axis(none_ahead, jnp.clip(offset, 0, window - 1), axis=2),
+                     none_all)  # [batch, n, count]
+    # The last time token names the segment's end, where no note starts.
+    onset_time = (offset >= 0) & (jnp.arange(time_count) < time_count - 1)  # [batch, n, count]
+    none = jnp.where(onset_time, frames_per_time * none, 0.0)
+    time_logp = jnp.cumsum(none, axis=-1) - none + jnp.log(-jnp.expm1(jnp.minimum(none, -1e-7)))
+    return key_logp, jnp.where(onset_time, time_logp, 0.0), jnp.sum(none, axis=-1)
 
   def __call__(self, maps: dict, tokens: jax.Array, times: jax.Array, written: jax.Array) -> jax.Array:
     """Logit offsets `[batch, n, vocab]` for tokens `[batch, n]` whose sequence has reached
@@ -227,6 +292,12 @@ class NoteReader(nn.Module):
                        jnp.take_along_axis(starts_ahead, jnp.clip(offset, 0, window - 1), axis=2),
                        maps["starts"][:, None, time_frames])  # [batch, n, count]
     time_bias = ends[:, :, time_frames] + starts  # [batch, n, count]
+    eos_bias = jnp.zeros_like(times, jnp.float32)  # [batch, n]
+    if self.onset_prior:
+      key_logp, time_logp, eos_logp = self._onset_logp(maps, frames, done, free, ahead_frames, offset)
+      here += self.onset_weight * key_logp
+      time_bias += self.onset_weight * time_logp
+      eos_bias += self.onset_weight * eos_logp
 
     u = jnp.arange(velocity_count, dtype=jnp.float32) / (velocity_count - 1)  # [count]
     velocity_bias = self.velocity_readout(note_state).astype(jnp.float32) @ jnp.stack([u, u * u])  # [batch, n, count]
@@ -248,6 +319,8 @@ class NoteReader(nn.Module):
 
     bias = self.note_readout(note_state).astype(jnp.float32)  # [batch, n, vocab]
     bias = bias.at[..., self.sustain_token].add(end_weight[..., 0] * held_through)
+    if self.onset_prior:
+      bias = bias.at[..., self.eos_token].add(eos_bias)
     bias = bias.at[..., velocity_first:velocity_first + velocity_count].add(velocity_bias)
     bias = bias.at[..., key_first:key_first + key_count].add(here)
     return bias.at[..., time_first:time_first + time_count].add(time_bias)

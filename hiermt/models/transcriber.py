@@ -112,6 +112,12 @@ def build_decoder(config) -> decoder_lib.Decoder:
   if note_reader and config.encoder.name != "hppnet":
     raise ValueError(f"config.decoder.note_reader reads the encoder's rolls key by key, which only HPPNet's "
                      f"features are (4 rolls x 88 keys); set it to 0 for encoder {config.encoder.name!r}")
+  onset_prior = bool(d.get("onset_prior", False))
+  if onset_prior and not note_reader:
+    raise ValueError("config.decoder.onset_prior is a prior of the note reader: set config.decoder.note_reader > 0 "
+                     "(HPPNet) or onset_prior to False")
+  # Only onset_pitch writes the next onset after a pitch (in offset and flatten an end time comes there).
+  onset_prior = onset_prior and config.stage == "onset_pitch"
   # .get: options absent from the config.json of stages trained before they existed.
   return decoder_lib.Decoder(
       vocab_size=vocabulary.VOCAB_SIZE, num_layers=d.num_layers, num_heads=d.num_heads, dim=d.dim,
@@ -120,7 +126,8 @@ def build_decoder(config) -> decoder_lib.Decoder:
       time_init=d.get("time_init", False), rope_time=float(d.get("rope_time", 0.0)),
       rope_fraction=d.get("rope_fraction", 1.0), note_reader=note_reader,
       key_tokens=(vocabulary.PITCH_OFFSET + rolls.MIN_PITCH, hppnet.NUM_PITCHES),
-      velocity_tokens=(vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES), sustain_token=vocabulary.NOTE_SUSTAIN)
+      velocity_tokens=(vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES), sustain_token=vocabulary.NOTE_SUSTAIN,
+      onset_prior=onset_prior, eos_token=vocabulary.EOS)
 
 
 def compute_dtype(config) -> Any:
