@@ -21,13 +21,16 @@ def test_stage_command_is_an_ordinary_training_command():
   assert flags["train.eval_pieces"] == "6" and flags["train.eval_seconds"] == "90.0"
   # every stage, the encoder too, is validated and used with its parameters' moving average
   assert flags["train.ema_decay"] == "0.99"
-  # HPPNet's features are per key: the note reader, and the unsure-pitch threshold chosen with it
+  # HPPNet's features are per key: the note reader with its onset prior (onset_pitch reads it), and
+  # the unsure-pitch threshold chosen with it
   assert flags["decoder.note_reader"] == "16" and flags["decode.min_pitch_prob"] == "0.3"
+  assert flags["decoder.onset_prior"] == "True"
   crnn = quickstart.stage_command("py", "onset_pitch", "crnn", quickstart.PRESETS["cpu"], "/w", "/c")
   crnn_flags = dict(f.removeprefix("--config.").split("=", 1) for f in crnn[5:])
   # the per-stage override wins over the preset-wide one
   assert crnn_flags["encoder.width"] == "0.125" and crnn_flags["data.max_tokens"] == "512"
   assert "--config.data.segment_seconds=4.0" not in crnn and "decoder.note_reader" not in crnn_flags
+  assert "decoder.onset_prior" not in crnn_flags
   assert crnn_flags["decode.min_pitch_prob"] == "0.7"
   encoder = quickstart.stage_command("py", "encoder", "crnn", quickstart.PRESETS["cpu"], "/w", "/c")
   assert "--config.data.segment_seconds=4.0" in encoder and "--config.train.warmup_steps=0" in encoder

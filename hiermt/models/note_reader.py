@@ -28,6 +28,13 @@ reference; docs/design.md). The reader builds the lookup in:
   (each end time's log-probability that the key stays held from the note's
   frame on and is released there, the frame rolls taken as independent;
   `note_sustain` gets the probability of being held past the segment).
+  With `onset_prior` (onset_pitch), a third scalar weighs where the onset
+  roll says the next note is: each key's onset at each frame taken as an
+  independent event of the roll's probability and listed as the sequence
+  lists notes (by time, then rising key), the log-probability that the next
+  pitch is key k (its onset, none on a free key below it), that the next onset
+  time is t (none from the time reached up to t, one at t; each frame's odds
+  shared by its time steps) and that none comes (`<eos>`).
   These are the Roll baseline's readings offered to the decoder from its
   first step: the learnt routes above need hundreds of steps to find them
   (docs/design.md);
@@ -40,8 +47,9 @@ reference; docs/design.md). The reader builds the lookup in:
   that notes still start there, and the model left a chord's other keys out
   (half the notes it missed on the recipe's validation pieces).
 
-Every readout starts at zero, and so does the end prior; the velocity prior
-starts at `VELOCITY_PRIOR_INIT` = 1, where its bump decides the argmax: at
+Every readout starts at zero, and so does the end prior; the onset prior
+starts at `ONSET_PRIOR_INIT` = 1, a proper distribution over what comes next;
+the velocity prior starts at `VELOCITY_PRIOR_INIT` = 1, where its bump decides the argmax: at
 CPU scale the velocity stage learnt on top of a weak (Gaussian, zero-init)
 bump writes worse velocities on unseen pieces than the roll it reads, and the
 heavy tail keeps a sharp bump at a sane loss (docs/design.md). The decoder
