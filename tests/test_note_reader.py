@@ -120,10 +120,11 @@ def test_roll_priors_add_hand_computed_logits():
 
 
 def test_the_onset_prior_adds_hand_computed_logits():
-  # Onset rolls over frames 0..5: key 5 0.8 at frame 1, key 9 0.5 at frame 1, key 7 0.9 at frame 3;
-  # every other value clips to ONSET_EPS. Learnt readouts and the other priors 0, onset prior 1.
+  # Onset rolls over frames 0..5: key 5 0.8 at frame 1, key 9 0.5 at frame 1, key 7 0.9 at frame 3
+  # with a shoulder of 0.6 at frame 4 (not a peak: the same onset); every other value clips to
+  # ONSET_EPS. Learnt readouts and the other priors 0, onset prior 1.
   rolls = np.zeros((1, 6, 88, 4), np.float32)
-  rolls[0, 1, 5, 0], rolls[0, 1, 9, 0], rolls[0, 3, 7, 0] = 0.8, 0.5, 0.9
+  rolls[0, 1, 5, 0], rolls[0, 1, 9, 0], rolls[0, 3:5, 7, 0] = 0.8, 0.5, (0.9, 0.6)
   params = _no_readouts(2) | {"onset_prior": np.float32(1.0)}
   # Time 2 (frame 1), key 5, time 2 again, key 9; then the end of the notes.
   tokens, times = jnp.array([[12, 105, 12, 109]]), jnp.array([[2, 2, 2, 2]])
@@ -142,8 +143,8 @@ def test_the_onset_prior_adds_hand_computed_logits():
   # After key 5's pitch token, time steps 0..11 are frames 0,0,1,1,..,5,5 (half a frame per step), and each
   # step's no-onset log-probability is half its frame's. Step 2 (the time reached): only keys above
   # key 5 (81 quiet, key 9); step 3: every key but key 5 (86 quiet, key 9); steps 4-7 (frames 2-3,
-  # within 2 frames of key 5's note): every key but key 5; steps 8-10 every key; step 11 is the end of
-  # the segment, where no note starts.
+  # within 2 frames of key 5's note): every key but key 5; steps 8-10 every key (key 7's shoulder at
+  # frame 4 counts as no onset); step 11 is the end of the segment, where no note starts.
   none = np.zeros(12)
   none[2], none[3] = 0.5 * (log(0.5) + 81 * quiet), 0.5 * (log(0.5) + 86 * quiet)
   none[4:6] = 0.5 * 87 * quiet

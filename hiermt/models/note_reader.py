@@ -29,7 +29,7 @@ reference; docs/design.md). The reader builds the lookup in:
   frame on and is released there, the frame rolls taken as independent;
   `note_sustain` gets the probability of being held past the segment).
   With `onset_prior` (onset_pitch), a third scalar weighs where the onset
-  roll says the next note is: each key's onset at each frame taken as an
+  roll says the next note is: each peak of a key's onset roll taken as an
   independent event of the roll's probability and listed as the sequence
   lists notes (by time, then rising key), the log-probability that the next
   pitch is key k (its onset, none on a free key below it), that the next onset
@@ -125,6 +125,12 @@ def _velocity_at_onset_peaks(onset: jax.Array, velocity: jax.Array) -> jax.Array
   return jnp.take_along_axis(velocities, jnp.argmax(onsets, axis=-1)[..., None], axis=-1)[..., 0]
 
 
+def _is_peak(x: jax.Array) -> jax.Array:
+  """bool: frames at least as high as both neighbours (HPPNet's onset peaks), `[batch, frames, 88]`."""
+  padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return (x >= padded[:, :-2]) & (x >= padded[:, 2:])
+
+
 def _peak_of_neighbours(x: jax.Array) -> jax.Array:
   """Each frame's highest value among itself and its two neighbours, `[batch, frames, 88]`."""
   padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0)), mode="edge")
@@ -148,8 +154,9 @@ class NoteReader(nn.Module):
     velocity_tokens: (first id, count) of the velocity tokens, velocity 0 first.
     sustain_token: id of `note_sustain` (a note held past the segment's end).
     eos_token: id of `<eos>`; needed by `onset_prior`.
-    onset_prior: add the onset roll prior over the next pitch, time and `<eos>` (`onset_logits`),
-      weighed by a learnt scalar that starts at ONSET_PRIOR_INIT; the stages that write onsets.
+    onset_prior: add the onset roll prior over the next pitch, time and `<eos>` (`_onset_logp`),
+      weighed by a learnt scalar that starts at ONSET_PRIOR_INIT; for onset_pitch, whose pitch tokens
+      are followed by the next onset.
   """
   channels: int
   vocab_size: int
@@ -216,13 +223,16 @@ class NoteReader(nn.Module):
             "held": jnp.cumsum(jnp.log(held), axis=1), "released": jnp.log1p(-held)}
     if self.onset_prior:
       onset = jnp.clip(rolls[..., ROLLS.index("onset")], ONSET_EPS, 1 - PROB_EPS)  # [batch, frames, 88]
+      # One event per peak of a key's onset roll (HPPNet's peak picking): the frames around a peak
+      # belong to the same onset, not to further ones.
+      onset = jnp.where(_is_peak(onset), onset, ONSET_EPS)
       peak = _peak_of_neighbours(onset)  # [batch, frames, 88]
       maps.update(onset_hit=jnp.log(peak), onset_pass=jnp.log1p(-peak), onset_none=jnp.log1p(-onset))
     return maps
 
-  def _onset_logp(self, maps: dict, frames, done, free, ahead_frames, offset) -> tuple:
-    """The onset roll prior: log-probabilities of what comes next if every key's onset at every
-    frame were an independent event of the onset roll's probability and the sequence listed them in
+  def _onset_logp(self, maps: dict, frames, done, free, ahead_frames, offset, time_frames) -> tuple:
+    """The onset roll prior: log-probabilities of what comes next if every peak of a key's onset
+    roll were an independent event of the roll's probability there and the sequence listed them in
     order (time, then rising key), skipping the keys written just before (`done`, `free`).
 
     Args:
@@ -233,6 +243,7 @@ class NoteReader(nn.Module):
         steps from the time reached on (at a pitch token's own time, only keys above it).
       ahead_frames: int `[batch, n, window]`, those time steps' frames.
       offset: int `[batch, n, count]`, each time token's step minus the time reached.
+      time_frames: int `[count]`, each time token's frame.
 
     Returns:
       `[batch, n, 88]`: the next key at the time reached is key j: its onset (the highest of its
@@ -249,8 +260,6 @@ class NoteReader(nn.Module):
     none_ahead = jnp.sum(jnp.where(free, none_ahead, 0.0), axis=-1)  # [batch, n, window]
     window = none_ahead.shape[-1]
     time_count, frames_per_time = self.time_tokens[1:]
-    last_frame = maps["onset_none"].shape[1] - 1
-    time_frames = jnp.clip(jnp.floor(jnp.arange(time_count) * frames_per_time).astype(jnp.int32), 0, last_frame)
     none_all = jnp.sum(maps["onset_none"], axis=-1)[:, None, time_frames]  # [batch, 1, count]
     none = jnp.where(offset < window, jnp.take_along_axis(none_ahead, jnp.clip(offset, 0, window - 1), axis=2),
                      none_all)  # [batch, n, count]
@@ -300,12 +309,10 @@ class NoteReader(nn.Module):
                        jnp.take_along_axis(starts_ahead, jnp.clip(offset, 0, window - 1), axis=2),
                        maps["starts"][:, None, time_frames])  # [batch, n, count]
     time_bias = ends[:, :, time_frames] + starts  # [batch, n, count]
-    eos_bias = jnp.zeros_like(times, jnp.float32)  # [batch, n]
     if self.onset_prior:
-      key_logp, time_logp, eos_logp = self._onset_logp(maps, frames, done, free, ahead_frames, offset)
+      key_logp, time_logp, eos_logp = self._onset_logp(maps, frames, done, free, ahead_frames, offset, time_frames)
       here += self.onset_weight * key_logp
       time_bias += self.onset_weight * time_logp
-      eos_bias += self.onset_weight * eos_logp
 
     u = jnp.arange(velocity_count, dtype=jnp.float32) / (velocity_count - 1)  # [count]
     velocity_bias = self.velocity_readout(note_state).astype(jnp.float32) @ jnp.stack([u, u * u])  # [batch, n, count]
@@ -328,7 +335,7 @@ class NoteReader(nn.Module):
     bias = self.note_readout(note_state).astype(jnp.float32)  # [batch, n, vocab]
     bias = bias.at[..., self.sustain_token].add(end_weight[..., 0] * held_through)
     if self.onset_prior:
-      bias = bias.at[..., self.eos_token].add(eos_bias)
+      bias = bias.at[..., self.eos_token].add(self.onset_weight * eos_logp)
     bias = bias.at[..., velocity_first:velocity_first + velocity_count].add(velocity_bias)
     bias = bias.at[..., key_first:key_first + key_count].add(here)
     return bias.at[..., time_first:time_first + time_count].add(time_bias)
