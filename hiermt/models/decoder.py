@@ -354,7 +354,7 @@ class Decoder(nn.Module):
       velocity tokens; needed by `note_reader`.
     sustain_token: id of `note_sustain`; needed by `note_reader`.
     onset_prior: the note reader's onset roll prior over the next pitch, time and `<eos>`
-      (`note_reader.NoteReader.onset_prior`; the stages that write onsets). False: off.
+      (`note_reader.NoteReader.onset_prior`; onset_pitch). False: off.
     eos_token: id of `<eos>`; needed by `onset_prior`.
   """
   vocab_size: int

@@ -108,6 +108,13 @@ def written_times(tokens: jax.Array, times: jax.Array, key_tokens: tuple, start:
   return jnp.maximum(jax.lax.cummax(marks, axis=1), start[:, None]).astype(jnp.int32)
 
 
+def _with_neighbours(x: jax.Array) -> jax.Array:
+  """Each frame's value, then its previous and next frame's (-inf past the ends),
+  `[batch, frames, 88]` -> `[batch, frames, 88, 3]`."""
+  padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return jnp.stack([x, padded[:, :-2], padded[:, 2:]], axis=-1)
+
+
 def _velocity_at_onset_peaks(onset: jax.Array, velocity: jax.Array) -> jax.Array:
   """Each frame's velocity roll read where the onset roll is highest among the frame and its two
   neighbours (the frame itself on ties), `onset`, `velocity` `[batch, frames, 88]` -> `[batch, frames, 88]`.
@@ -115,26 +122,19 @@ def _velocity_at_onset_peaks(onset: jax.Array, velocity: jax.Array) -> jax.Array
   HPPNet's velocity head is trained on onset frames only, so elsewhere it says little; a note's
   time token can land a frame before or after its onset's peak.
   """
-  frames = onset.shape[1]
-  pad = lambda x, value: jnp.pad(x, ((0, 0), (1, 1), (0, 0)), constant_values=value)  # noqa: E731
-  onset, velocity = pad(onset, -1.0), pad(velocity, 0.0)
-  # The frame itself first, so that argmax keeps it on ties: [batch, frames, 88, 3] each.
-  shifts = (1, 0, 2)
-  onsets = jnp.stack([onset[:, s:s + frames] for s in shifts], axis=-1)
-  velocities = jnp.stack([velocity[:, s:s + frames] for s in shifts], axis=-1)
-  return jnp.take_along_axis(velocities, jnp.argmax(onsets, axis=-1)[..., None], axis=-1)[..., 0]
+  # The frame itself comes first, so that argmax keeps it on ties; past the ends is never highest.
+  peak = jnp.argmax(_with_neighbours(onset), axis=-1)[..., None]  # [batch, frames, 88, 1]
+  return jnp.take_along_axis(_with_neighbours(velocity), peak, axis=-1)[..., 0]
 
 
 def _is_peak(x: jax.Array) -> jax.Array:
   """bool: frames at least as high as both neighbours (HPPNet's onset peaks), `[batch, frames, 88]`."""
-  padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  return (x >= padded[:, :-2]) & (x >= padded[:, 2:])
+  return x >= jnp.max(_with_neighbours(x), axis=-1)
 
 
 def _peak_of_neighbours(x: jax.Array) -> jax.Array:
   """Each frame's highest value among itself and its two neighbours, `[batch, frames, 88]`."""
-  padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0)), mode="edge")
-  return jnp.maximum(jnp.maximum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
+  return jnp.max(_with_neighbours(x), axis=-1)
 
 
 def _gather_frames(x: jax.Array, frames: jax.Array) -> jax.Array:
@@ -227,7 +227,9 @@ class NoteReader(nn.Module):
       # belong to the same onset, not to further ones.
       onset = jnp.where(_is_peak(onset), onset, ONSET_EPS)
       peak = _peak_of_neighbours(onset)  # [batch, frames, 88]
-      maps.update(onset_hit=jnp.log(peak), onset_pass=jnp.log1p(-peak), onset_none=jnp.log1p(-onset))
+      none = jnp.log1p(-onset)  # [batch, frames, 88]
+      maps.update(onset_hit=jnp.log(peak), onset_pass=jnp.log1p(-peak), onset_none=none,
+                  onset_none_all=jnp.sum(none, axis=-1))  # [batch, frames]: no key's onset
     return maps
 
   def _onset_logp(self, maps: dict, frames, done, free, ahead_frames, offset, time_frames) -> tuple:
@@ -260,7 +262,7 @@ class NoteReader(nn.Module):
     none_ahead = jnp.sum(jnp.where(free, none_ahead, 0.0), axis=-1)  # [batch, n, window]
     window = none_ahead.shape[-1]
     time_count, frames_per_time = self.time_tokens[1:]
-    none_all = jnp.sum(maps["onset_none"], axis=-1)[:, None, time_frames]  # [batch, 1, count]
+    none_all = maps["onset_none_all"][:, None, time_frames]  # [batch, 1, count]
     none = jnp.where(offset < window, jnp.take_along_axis(none_ahead, jnp.clip(offset, 0, window - 1), axis=2),
                      none_all)  # [batch, n, count]
     # The last time token names the segment's end, where no note starts.
