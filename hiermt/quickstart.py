@@ -110,8 +110,10 @@ PRESETS = {
         # onset_pitch needed ~2300 steps to rise above noise (docs/design.md); the 90-minute
         # encoder's validation On-Off-Vel F1 was 0.41 at step 2600 against 0.43 at its best (3100).
         # With the note reader's roll priors velocity peaks near step 100 (validation 0.54, 0.44-0.49
-        # after) and offset still rises at step 500; onset_pitch was flat from step ~1000 of 1921.
-        shares={"encoder": 0.4, "onset_pitch": 0.325, "velocity": 0.05, "offset": 0.125, "flatten": 0.1},
+        # after). With the onset prior onset_pitch is flat from step ~400 (validation On F1 0.899 at
+        # 400, 0.905 at 741) while offset still rose at its last step (0.27 / 0.48 / 0.50 at 100 / 200
+        # / 231; 0.64 near step 300 over an earlier encoder): they now share onset_pitch's old time.
+        shares={"encoder": 0.4, "onset_pitch": 0.225, "velocity": 0.05, "offset": 0.225, "flatten": 0.1},
         # Full widths cost 256 (CRNN) and 134 (HPPNet) GFLOPs per 10 s forward: minutes per
         # step on two cores.
         # decoder.note_reader 16 (HPPNet only: its features are per key): on the 90-minute recipe's
