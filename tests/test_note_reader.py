@@ -222,6 +222,14 @@ def test_a_fresh_reader_adds_only_its_velocity_prior():
   np.testing.assert_array_equal(_decoder(note_reader=8).apply({"params": no_prior}, tokens, audio), plain)
 
 
+def test_the_onset_prior_needs_the_reader_and_eos():
+  tokens, audio = _inputs()
+  with pytest.raises(ValueError, match="needs Decoder.note_reader > 0"):
+    _decoder(onset_prior=True, eos_token=vocabulary.EOS).init(jax.random.key(0), tokens, audio)
+  with pytest.raises(ValueError, match="needs eos_token"):
+    _decoder(note_reader=8, onset_prior=True).init(jax.random.key(0), tokens, audio)
+
+
 @pytest.mark.parametrize("onset_prior", [False, True])
 def test_cached_decoding_matches_full_forward_with_the_reader(onset_prior):
   model = _decoder(note_reader=8, onset_prior=onset_prior, eos_token=vocabulary.EOS)

@@ -396,9 +396,8 @@ class Decoder(nn.Module):
     if self.note_reader and None in (self.key_tokens, self.velocity_tokens, self.sustain_token):
       raise ValueError("Decoder.note_reader needs Decoder.key_tokens, velocity_tokens and sustain_token (the "
                        "keys' pitch, the velocities' and note_sustain's token ids)")
-    if self.onset_prior and not (self.note_reader and self.eos_token is not None):
-      raise ValueError("Decoder.onset_prior is a note reader's prior: it needs Decoder.note_reader > 0 and "
-                       "Decoder.eos_token")
+    if self.onset_prior and not self.note_reader:  # the reader checks eos_token
+      raise ValueError("Decoder.onset_prior is a note reader's prior: it needs Decoder.note_reader > 0")
     for option in ("time_init", "rope_time"):
       if getattr(self, option) and self.conditioning != "prefix":
         raise ValueError(f"Decoder.{option} aligns time tokens with the audio prefix's frames: it needs "
