@@ -105,15 +105,13 @@ PRESETS = {
                          "onset_pitch": {"data.max_tokens": 512},
                          "flatten": {"data.max_tokens": 1024}},
         corpus_minutes=45.0,
-        # Every layout reads the encoder (HPPNet's decoder features are its rolls), and
-        # onset_pitch finds the notes the later stages describe: they share 3/4 of the time.
-        # onset_pitch needed ~2300 steps to rise above noise (docs/design.md); the 90-minute
-        # encoder's validation On-Off-Vel F1 was 0.41 at step 2600 against 0.43 at its best (3100).
-        # With the note reader's roll priors velocity peaks near step 100 (validation 0.54, 0.44-0.49
-        # after). With the onset prior onset_pitch is flat from step ~400 (validation On F1 0.899 at
-        # 400, 0.905 at 741) while offset still rose at its last step (0.27 / 0.48 / 0.50 at 100 / 200
-        # / 231; 0.64 near step 300 over an earlier encoder): they now share onset_pitch's old time.
-        shares={"encoder": 0.4, "onset_pitch": 0.225, "velocity": 0.05, "offset": 0.225, "flatten": 0.1},
+        # Every layout reads the encoder (HPPNet's decoder features are its rolls): half the time.
+        # On the 90-minute recipe at ecf80ab its validation On-Off-Vel F1 still rose at its last
+        # step (0.20 / 0.24 / 0.30 / 0.31 at steps 700 / 800 / 1000 / 1181). With the note reader's
+        # roll priors the LM stages peak early: velocity near step 100 (validation 0.54, 0.44-0.49
+        # after); offset with the end prior at weight 1 at step 50-100 (0.64 / 0.62, 0.59 at 171);
+        # onset_pitch with the onset prior is flat from step ~400 (0.899, 0.905 at 741).
+        shares={"encoder": 0.5, "onset_pitch": 0.25, "velocity": 0.05, "offset": 0.1, "flatten": 0.1},
         # Full widths cost 256 (CRNN) and 134 (HPPNet) GFLOPs per 10 s forward: minutes per
         # step on two cores.
         # decoder.note_reader 16 (HPPNet only: its features are per key): on the 90-minute recipe's

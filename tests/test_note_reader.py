@@ -97,7 +97,7 @@ def test_roll_priors_add_hand_computed_logits():
   # Key 5's rolls: frame roll 0.9, 0.9, 0.8, 0.5, 0.1, 0.1 over frames 0..5; onset roll peaking at
   # frame 2, where the velocity roll is 2 / 128 (velocity 2; 100 at frame 1). Its pitch token at time 2
   # (frame 1, f0 = 1) reads the velocity at the onset peak next to it; scalars: velocity 1, end 1/4
-  # (the end log-probabilities times END_SCALE x 1/4 = 1).
+  # (the end scores times END_SCALE x 1/4 = 1).
   rolls = np.zeros((1, 6, 88, 4), np.float32)  # [batch, frames, keys, (onset, frame, offset, velocity)]
   rolls[0, :, 5, 1] = 0.9, 0.9, 0.8, 0.5, 0.1, 0.1
   rolls[0, :3, 5, 0] = 0.1, 0.2, 0.8
@@ -111,11 +111,11 @@ def test_roll_priors_add_hand_computed_logits():
   # Velocities 0..4 against velocity 2, in steps of 4: -log(1 + ((v - 2) / 4)^2).
   want[0, 1, 190:195] = -np.log([1.25, 1.0625, 1.0, 1.0625, 1.25])
   # Times 0..11 name frames 0, 0, 1, 1, ..., 5, 5; a note cannot end before frame f0 + 1 = 2. Ending at
-  # frame e: held over frames 2 .. e - 1, released at e.
-  log = np.log
-  at = {2: log(0.2), 3: log(0.8) + log(0.5), 4: log(0.8 * 0.5) + log(0.9), 5: log(0.8 * 0.5 * 0.1) + log(0.9)}
+  # frame e: the frame roll's log-odds log(p / (1 - p)) summed over frames 2 .. e - 1.
+  odds = {2: np.log(4.0), 3: 0.0, 4: np.log(1 / 9), 5: np.log(1 / 9)}  # frame rolls 0.8, 0.5, 0.1, 0.1
+  at = {2: 0.0, 3: odds[2], 4: odds[2] + odds[3], 5: odds[2] + odds[3] + odds[4]}
   want[0, 1, 10:22] = [at[max(t // 2, 2)] for t in range(12)]
-  want[0, 1, SUSTAIN] = log(0.8 * 0.5 * 0.1 * 0.1)  # held through the last frame
+  want[0, 1, SUSTAIN] = sum(odds.values())  # held through the last frame
   np.testing.assert_allclose(bias, want, rtol=1e-5, atol=1e-6)
 
 
@@ -206,19 +206,24 @@ def _inputs():
           jax.random.uniform(k2, (2, 30, 352)))  # 30 HPPNet frames, 15 pooled prefix frames
 
 
-def test_a_fresh_reader_adds_only_its_velocity_prior():
-  # Learnt readouts start at zero and the velocity prior at VELOCITY_PRIOR_INIT: a fresh reader moves
-  # velocity logits only, and with that prior at zero it leaves the decoder unchanged.
+def test_a_fresh_reader_adds_only_its_velocity_and_end_priors():
+  # Learnt readouts start at zero, the velocity and end priors at their inits: a fresh reader moves the
+  # velocity, time and note_sustain logits only, and with both priors at zero it leaves the decoder unchanged.
   tokens, audio = _inputs()
   params = _decoder(note_reader=8).init(jax.random.key(1), tokens, audio)["params"]
   assert float(params["note_reader"]["velocity_prior"]) == note_reader.VELOCITY_PRIOR_INIT > 0
+  assert float(params["note_reader"]["end_prior"]) == pytest.approx(1 / note_reader.END_SCALE)
   with_reader = np.asarray(_decoder(note_reader=8).apply({"params": params}, tokens, audio))
   plain = np.asarray(_decoder().apply({"params": {k: v for k, v in params.items() if k != "note_reader"}},
                                       tokens, audio))
   velocities = np.arange(vocabulary.VELOCITY_OFFSET, vocabulary.VELOCITY_OFFSET + vocabulary.NUM_VELOCITIES)
+  ends = np.append(np.arange(vocabulary.TIME_OFFSET, vocabulary.TIME_OFFSET + vocabulary.NUM_TIMES),
+                   vocabulary.NOTE_SUSTAIN)
   moved = np.abs(with_reader - plain).max(axis=(0, 1)) > 0  # [vocab]
-  assert moved[velocities].any() and not np.delete(moved, velocities).any()
-  no_prior = {**params, "note_reader": {**params["note_reader"], "velocity_prior": np.float32(0)}}
+  assert moved[velocities].any() and moved[ends].any()
+  assert not np.delete(moved, np.concatenate([velocities, ends])).any()
+  no_prior = {**params, "note_reader": {**params["note_reader"], "velocity_prior": np.float32(0),
+                                        "end_prior": np.float32(0)}}
   np.testing.assert_array_equal(_decoder(note_reader=8).apply({"params": no_prior}, tokens, audio), plain)
 
 
