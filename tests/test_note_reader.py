@@ -225,6 +225,13 @@ def test_a_fresh_reader_adds_only_its_velocity_and_end_priors():
   no_prior = {**params, "note_reader": {**params["note_reader"], "velocity_prior": np.float32(0),
                                         "end_prior": np.float32(0)}}
   np.testing.assert_array_equal(_decoder(note_reader=8).apply({"params": no_prior}, tokens, audio), plain)
+  # Without the end prior (onset_pitch, velocity) the reader has no end weight and moves velocities only.
+  without = {**params, "note_reader": {k: v for k, v in params["note_reader"].items() if k != "end_prior"}}
+  moved = np.abs(np.asarray(_decoder(note_reader=8, end_prior=False).apply({"params": without}, tokens, audio))
+                 - plain).max(axis=(0, 1)) > 0
+  assert moved[velocities].any() and not np.delete(moved, velocities).any()
+  assert "end_prior" not in _decoder(note_reader=8, end_prior=False).init(jax.random.key(1), tokens,
+                                                                          audio)["params"]["note_reader"]
 
 
 def test_the_onset_prior_needs_the_reader_and_eos():
@@ -237,7 +244,8 @@ def test_the_onset_prior_needs_the_reader_and_eos():
 
 @pytest.mark.parametrize("onset_prior", [False, True])
 def test_cached_decoding_matches_full_forward_with_the_reader(onset_prior):
-  model = _decoder(note_reader=8, onset_prior=onset_prior, eos_token=vocabulary.EOS)
+  # As the stages use them: onset_pitch reads the onset prior and no end prior.
+  model = _decoder(note_reader=8, onset_prior=onset_prior, end_prior=not onset_prior, eos_token=vocabulary.EOS)
   tokens, audio = _inputs()
   # Notes at times 4 and 5 (both encoder frame 2), key 39 twice: the keys written carry across calls.
   time, key = vocabulary.TIME_OFFSET, vocabulary.PITCH_OFFSET + 21
@@ -319,6 +327,11 @@ def test_the_config_maps_the_reader_and_refuses_the_crnn():
     transcriber.build_decoder(config)
   config.decoder.note_reader = 16
   assert transcriber.build_decoder(config).onset_prior
+  # The end prior where a pitch token is followed by its note's end.
+  for stage, end_prior in (("onset_pitch", False), ("velocity", False), ("offset", True), ("flatten", True)):
+    config = base.get_config(f"{stage},encoder=hppnet,runlocal")
+    config.decoder.note_reader = 16
+    assert transcriber.build_decoder(config).end_prior == end_prior, stage
   config = base.get_config("offset,encoder=crnn,runlocal")
   config.decoder.note_reader = 16
   with pytest.raises(ValueError, match="only HPPNet"):

@@ -353,6 +353,8 @@ class Decoder(nn.Module):
     key_tokens, velocity_tokens: (first id, count) of the 88 keys' pitch tokens and of the
       velocity tokens; needed by `note_reader`.
     sustain_token: id of `note_sustain`; needed by `note_reader`.
+    end_prior: the note reader's end prior over the end time after a pitch token
+      (`note_reader.NoteReader.end_prior`; offset and flatten). False: off.
     onset_prior: the note reader's onset roll prior over the next pitch, time and `<eos>`
       (`note_reader.NoteReader.onset_prior`; onset_pitch). False: off.
     eos_token: id of `<eos>`; needed by `onset_prior`.
@@ -375,6 +377,7 @@ class Decoder(nn.Module):
   key_tokens: tuple | None = None
   velocity_tokens: tuple | None = None
   sustain_token: int | None = None
+  end_prior: bool = True
   onset_prior: bool = False
   eos_token: int | None = None
 
@@ -444,7 +447,7 @@ class Decoder(nn.Module):
       reader = note_reader_lib.NoteReader(
           self.note_reader, self.vocab_size, (first, count, frames_per_token * self.prefix_pool), self.key_tokens,
           self.velocity_tokens, self.sustain_token, self.dtype, self.param_dtype, eos_token=self.eos_token,
-          onset_prior=self.onset_prior, name="note_reader")
+          end_prior=self.end_prior, onset_prior=self.onset_prior, name="note_reader")
       if audio is not None:
         reader_maps = reader.maps(audio)  # key states [batch, frames, 88, channels], readouts, roll priors' rolls
     if audio is not None:

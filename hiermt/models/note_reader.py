@@ -160,6 +160,10 @@ class NoteReader(nn.Module):
     velocity_tokens: (first id, count) of the velocity tokens, velocity 0 first.
     sustain_token: id of `note_sustain` (a note held past the segment's end).
     eos_token: id of `<eos>`; needed by `onset_prior`.
+    end_prior: add the end prior over the end time and `note_sustain` after a pitch token, weighed
+      by a learnt scalar that starts at END_PRIOR_INIT; for offset and flatten, whose pitch tokens
+      are followed by the note's end (elsewhere its scores, hundreds of logits for a long note,
+      would fight the next onset's or velocity's).
     onset_prior: add the onset roll prior over the next pitch, time and `<eos>` (`_onset_logp`),
       weighed by a learnt scalar that starts at ONSET_PRIOR_INIT; for onset_pitch, whose pitch tokens
       are followed by the next onset.
@@ -173,6 +177,7 @@ class NoteReader(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   eos_token: int | None = None
+  end_prior: bool = True
   onset_prior: bool = False
 
   def setup(self):
@@ -187,7 +192,8 @@ class NoteReader(nn.Module):
     self.written = self.param("written", nn.initializers.zeros_init(), (), self.param_dtype)
     self.velocity_prior = self.param("velocity_prior", nn.initializers.constant(VELOCITY_PRIOR_INIT), (),
                                      self.param_dtype)
-    self.end_prior = self.param("end_prior", nn.initializers.constant(END_PRIOR_INIT), (), self.param_dtype)
+    if self.end_prior:
+      self.end_weight = self.param("end_prior", nn.initializers.constant(END_PRIOR_INIT), (), self.param_dtype)
     if self.onset_prior:
       if self.eos_token is None:
         raise ValueError("NoteReader.onset_prior needs eos_token (the prior's last outcome is <eos>)")
@@ -217,15 +223,16 @@ class NoteReader(nn.Module):
     """The maps of key `states` `[batch, frames, 88, C]` and `rolls` `[batch, frames, 88, 4]`: the
     states, their per-key start and end readouts `keys` `[batch, frames, 88, 2]`, each key's
     note-start readout `key_starts` `[batch, frames, 88]` and the strongest key's `starts`
-    `[batch, frames]`; for the roll priors, each key's `velocity` roll and the running sum `held` of
-    its frame roll's log-odds, both `[batch, frames, 88]`."""
+    `[batch, frames]`; for the roll priors, each key's `velocity` roll and (`end_prior`) the running
+    sum `held` of its frame roll's log-odds, both `[batch, frames, 88]`."""
     readouts = self.key_readout(states)  # [batch, frames, 88, 3]
     rolls = rolls.astype(jnp.float32)
-    frame = jnp.clip(rolls[..., ROLLS.index("frame")], PROB_EPS, 1 - PROB_EPS)  # [batch, frames, 88]
     maps = {"states": states, "keys": readouts[..., :2], "key_starts": readouts[..., 2],
             "starts": jnp.max(readouts[..., 2], axis=2),
-            "velocity": _velocity_at_onset_peaks(rolls[..., ROLLS.index("onset")], rolls[..., ROLLS.index("velocity")]),
-            "held": jnp.cumsum(jnp.log(frame) - jnp.log1p(-frame), axis=1)}
+            "velocity": _velocity_at_onset_peaks(rolls[..., ROLLS.index("onset")], rolls[..., ROLLS.index("velocity")])}
+    if self.end_prior:
+      frame = jnp.clip(rolls[..., ROLLS.index("frame")], PROB_EPS, 1 - PROB_EPS)  # [batch, frames, 88]
+      maps["held"] = jnp.cumsum(jnp.log(frame) - jnp.log1p(-frame), axis=1)
     if self.onset_prior:
       onset = jnp.clip(rolls[..., ROLLS.index("onset")], ONSET_EPS, 1 - PROB_EPS)  # [batch, frames, 88]
       # One event per peak of a key's onset roll (HPPNet's peak picking): the frames around a peak
@@ -329,18 +336,18 @@ class NoteReader(nn.Module):
     velocity_roll = jnp.take_along_axis(_gather_frames(maps["velocity"], frames), key[..., None], axis=2)
     miss = (jnp.arange(velocity_count) - VELOCITY_SCALE * velocity_roll) / VELOCITY_STEPS  # [batch, n, count]
     velocity_bias -= jnp.where(is_key[..., None], self.velocity_prior * jnp.log1p(miss * miss), 0)
-    held = over_frames(maps["held"])  # [batch, n, frames]
-    # Ending at frame e > f0: the frame roll's log-odds summed over f0 + 1 .. e - 1 (HPPNet's roll rule
-    # starts at f0 + 1), whose argmax is the end of the run of held frames (module docstring).
-    held_f0 = jnp.take_along_axis(held, frames[..., None], axis=2)  # [batch, n, 1]
-    ends_at = jnp.clip(jnp.maximum(time_frames, frames[..., None] + 1), 0, last_frame)  # [batch, n, count]
-    end_score = jnp.take_along_axis(held, jnp.maximum(ends_at - 1, frames[..., None]), axis=2) - held_f0
-    held_through = held[..., -1] - held_f0[..., 0]  # [batch, n]: held past the last frame
-    end_weight = jnp.where(is_key, END_SCALE * self.end_prior, 0)[..., None]  # [batch, n, 1]
-    time_bias += end_weight * end_score  # [batch, n, count]
-
     bias = self.note_readout(note_state).astype(jnp.float32)  # [batch, n, vocab]
-    bias = bias.at[..., self.sustain_token].add(end_weight[..., 0] * held_through)
+    if self.end_prior:
+      held = over_frames(maps["held"])  # [batch, n, frames]
+      # Ending at frame e > f0: the frame roll's log-odds summed over f0 + 1 .. e - 1 (HPPNet's roll rule
+      # starts at f0 + 1), whose argmax is the end of the run of held frames (module docstring).
+      held_f0 = jnp.take_along_axis(held, frames[..., None], axis=2)  # [batch, n, 1]
+      ends_at = jnp.clip(jnp.maximum(time_frames, frames[..., None] + 1), 0, last_frame)  # [batch, n, count]
+      end_score = jnp.take_along_axis(held, jnp.maximum(ends_at - 1, frames[..., None]), axis=2) - held_f0
+      held_through = held[..., -1] - held_f0[..., 0]  # [batch, n]: held past the last frame
+      end_weight = jnp.where(is_key, END_SCALE * self.end_weight, 0)[..., None]  # [batch, n, 1]
+      time_bias += end_weight * end_score  # [batch, n, count]
+      bias = bias.at[..., self.sustain_token].add(end_weight[..., 0] * held_through)
     if self.onset_prior:
       bias = bias.at[..., self.eos_token].add(self.onset_weight * eos_logp)
     bias = bias.at[..., velocity_first:velocity_first + velocity_count].add(velocity_bias)

@@ -116,8 +116,10 @@ def build_decoder(config) -> decoder_lib.Decoder:
   if onset_prior and not note_reader:
     raise ValueError("config.decoder.onset_prior is a prior of the note reader: set config.decoder.note_reader > 0 "
                      "(HPPNet) or onset_prior to False")
-  # Only onset_pitch writes the next onset after a pitch (in offset and flatten an end time comes there).
+  # What follows a pitch token: the next onset in onset_pitch, the note's end in offset and flatten
+  # (a velocity in velocity). Each prior is read where it describes that token.
   onset_prior = onset_prior and config.stage == "onset_pitch"
+  end_prior = config.stage in ("offset", "flatten")
   # .get: options absent from the config.json of stages trained before they existed.
   return decoder_lib.Decoder(
       vocab_size=vocabulary.VOCAB_SIZE, num_layers=d.num_layers, num_heads=d.num_heads, dim=d.dim,
@@ -127,7 +129,7 @@ def build_decoder(config) -> decoder_lib.Decoder:
       rope_fraction=d.get("rope_fraction", 1.0), note_reader=note_reader,
       key_tokens=(vocabulary.PITCH_OFFSET + rolls.MIN_PITCH, hppnet.NUM_PITCHES),
       velocity_tokens=(vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES), sustain_token=vocabulary.NOTE_SUSTAIN,
-      onset_prior=onset_prior, eos_token=vocabulary.EOS)
+      end_prior=end_prior, onset_prior=onset_prior, eos_token=vocabulary.EOS)
 
 
 def compute_dtype(config) -> Any:
