@@ -142,6 +142,12 @@ PRESETS = {
 # Of the --minutes budget, what corpus rendering and evaluation are expected to take (measured
 # for the cpu preset on the 2-core machine; the rest is split between the stages).
 _OVERHEAD_SHARE = 0.2
+# What an LM stage of the cpu preset runs past its budget: the validation at the stop (its decoding
+# compiles on the first pass) and the save; 20-70 s on the 2-core machine (quickstart at b9050e1).
+STAGE_TAIL_SECONDS = 60.0
+# A stage's start-up (restoring the encoder, compiling the train step) takes 15-25 s there; the
+# quickstart at b9050e1 stopped flatten with a budget of 0 s before it could save anything.
+MIN_STAGE_SECONDS = 45.0
 
 
 def stage_command(python, stage, encoder, preset, workdir, data_dir):
@@ -184,11 +190,14 @@ def run_with_budget(cmd, seconds):
 def stage_seconds(shares, stage, seconds_left):
   """`stage`'s part of the training time left: its share among itself and the stages after it.
 
-  Each stage overruns its budget by its start-up and its final validation and save; taking the
-  time left each time makes the later stages absorb that, so the training ends on time.
+  Each stage runs past its budget by its last validation and save (`STAGE_TAIL_SECONDS`), so that
+  much is kept back for each stage from this one on; taking the time left each time makes the later
+  stages absorb what a stage ran over beyond that. No stage gets less than `MIN_STAGE_SECONDS`:
+  every layout needs a checkpoint of each of its stages.
   """
   later = STAGES[STAGES.index(stage):]
-  return max(0.0, seconds_left) * shares[stage] / sum(shares[s] for s in later)
+  split = max(0.0, seconds_left - STAGE_TAIL_SECONDS * len(later)) * shares[stage] / sum(shares[s] for s in later)
+  return max(MIN_STAGE_SECONDS, split)
 
 
 def train_stage(python, stage, encoder, preset, workdir, data_dir, seconds):

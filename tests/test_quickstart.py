@@ -109,11 +109,15 @@ def test_smoke_quickstart_end_to_end_and_resume(tmp_path):
 
 def test_stage_budgets_absorb_overruns():
   shares = {"encoder": 0.5, "onset_pitch": 0.2, "velocity": 0.075, "offset": 0.075, "flatten": 0.15}
-  assert quickstart.stage_seconds(shares, "encoder", 1000.0) == pytest.approx(500.0)
-  # The encoder overran by 20 s: 480 s are left for the rest, split 0.2 : 0.075 : 0.075 : 0.15.
-  assert quickstart.stage_seconds(shares, "onset_pitch", 480.0) == pytest.approx(480.0 * 0.4)
-  assert quickstart.stage_seconds(shares, "flatten", 70.0) == pytest.approx(70.0)  # the last takes what is left
-  assert quickstart.stage_seconds(shares, "flatten", -5.0) == 0.0
+  tail = quickstart.STAGE_TAIL_SECONDS
+  # 1000 s left: each of the five stages' tails kept back, the encoder gets half of the rest.
+  assert quickstart.stage_seconds(shares, "encoder", 1000.0) == pytest.approx((1000.0 - 5 * tail) * 0.5)
+  # The encoder overran by 20 s beyond its tail: 480 s are left for the rest, split 0.2 : 0.075 : 0.075 : 0.15.
+  assert quickstart.stage_seconds(shares, "onset_pitch", 480.0) == pytest.approx((480.0 - 4 * tail) * 0.4)
+  assert quickstart.stage_seconds(shares, "flatten", 170.0) == pytest.approx(170.0 - tail)  # the last: what is left
+  # Too little left: every stage still gets its minimum.
+  assert quickstart.stage_seconds(shares, "velocity", 100.0) == quickstart.MIN_STAGE_SECONDS
+  assert quickstart.stage_seconds(shares, "flatten", -5.0) == quickstart.MIN_STAGE_SECONDS
 
 
 def test_the_closing_commands_put_the_layout_that_scored_best_first():
