@@ -119,7 +119,7 @@ def build_decoder(config) -> decoder_lib.Decoder:
   # What follows a pitch token: the next onset in onset_pitch, the note's end in offset and flatten
   # (a velocity in velocity). Each prior is read where it describes that token.
   onset_prior = onset_prior and config.stage == "onset_pitch"
-  end_prior = config.stage in ("offset", "flatten")
+  end_prior = bool(note_reader) and config.stage in ("offset", "flatten")
   # .get: options absent from the config.json of stages trained before they existed.
   return decoder_lib.Decoder(
       vocab_size=vocabulary.VOCAB_SIZE, num_layers=d.num_layers, num_heads=d.num_heads, dim=d.dim,
