@@ -2,7 +2,6 @@
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -200,7 +199,6 @@ def test_model_layout_errors(monkeypatch, corpus, tmp_path):
     evaluate.run(dataclasses.replace(options, predictions=str(tmp_path), layout_given=True))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hiermt.transcribe") is None, reason="hiermt.transcribe not written yet")
 def test_untrained_workdir_with_real_transcribe_is_one_clean_line(corpus, tmp_path):
   # Also checks that importing hiermt.transcribe, which defines --workdir and --layout as well,
   # after the flags are parsed does not fail.

@@ -20,7 +20,7 @@ EOS = 2
 
 
 def _reader(channels=2, **kw):
-  return note_reader.NoteReader(channels, VOCAB, TIMES, KEYS, VELOCITIES, SUSTAIN, **kw)
+  return note_reader.NoteReader(channels, VOCAB, TIMES, KEYS, VELOCITIES, SUSTAIN, **{"end_prior": True, **kw})
 
 
 def _no_readouts(channels):
@@ -210,10 +210,10 @@ def test_a_fresh_reader_adds_only_its_velocity_and_end_priors():
   # Learnt readouts start at zero, the velocity and end priors at their inits: a fresh reader moves the
   # velocity, time and note_sustain logits only, and with both priors at zero it leaves the decoder unchanged.
   tokens, audio = _inputs()
-  params = _decoder(note_reader=8).init(jax.random.key(1), tokens, audio)["params"]
+  params = _decoder(note_reader=8, end_prior=True).init(jax.random.key(1), tokens, audio)["params"]
   assert float(params["note_reader"]["velocity_prior"]) == note_reader.VELOCITY_PRIOR_INIT > 0
   assert float(params["note_reader"]["end_prior"]) == pytest.approx(1 / note_reader.END_SCALE)
-  with_reader = np.asarray(_decoder(note_reader=8).apply({"params": params}, tokens, audio))
+  with_reader = np.asarray(_decoder(note_reader=8, end_prior=True).apply({"params": params}, tokens, audio))
   plain = np.asarray(_decoder().apply({"params": {k: v for k, v in params.items() if k != "note_reader"}},
                                       tokens, audio))
   velocities = np.arange(vocabulary.VELOCITY_OFFSET, vocabulary.VELOCITY_OFFSET + vocabulary.NUM_VELOCITIES)
@@ -224,14 +224,14 @@ def test_a_fresh_reader_adds_only_its_velocity_and_end_priors():
   assert not np.delete(moved, np.concatenate([velocities, ends])).any()
   no_prior = {**params, "note_reader": {**params["note_reader"], "velocity_prior": np.float32(0),
                                         "end_prior": np.float32(0)}}
-  np.testing.assert_array_equal(_decoder(note_reader=8).apply({"params": no_prior}, tokens, audio), plain)
+  np.testing.assert_array_equal(
+      _decoder(note_reader=8, end_prior=True).apply({"params": no_prior}, tokens, audio), plain)
   # Without the end prior (onset_pitch, velocity) the reader has no end weight and moves velocities only.
   without = {**params, "note_reader": {k: v for k, v in params["note_reader"].items() if k != "end_prior"}}
-  moved = np.abs(np.asarray(_decoder(note_reader=8, end_prior=False).apply({"params": without}, tokens, audio))
+  moved = np.abs(np.asarray(_decoder(note_reader=8).apply({"params": without}, tokens, audio))
                  - plain).max(axis=(0, 1)) > 0
   assert moved[velocities].any() and not np.delete(moved, velocities).any()
-  assert "end_prior" not in _decoder(note_reader=8, end_prior=False).init(jax.random.key(1), tokens,
-                                                                          audio)["params"]["note_reader"]
+  assert "end_prior" not in _decoder(note_reader=8).init(jax.random.key(1), tokens, audio)["params"]["note_reader"]
 
 
 def test_the_onset_prior_needs_the_reader_and_eos():
@@ -274,7 +274,7 @@ def test_cached_decoding_matches_full_forward_with_the_reader(onset_prior):
 def test_a_carried_note_is_read_from_the_segments_start():
   # Offset layout, two notes carried in (`note_sustain key end`): key 39 ending at time 20, then key 41.
   # Key 41 sounds from the segment's start: its end prior reads its rolls from time 0, not from 20.
-  model = _decoder(note_reader=8)
+  model = _decoder(note_reader=8, end_prior=True)
   time, key, sustain = vocabulary.TIME_OFFSET, vocabulary.PITCH_OFFSET + 21, vocabulary.NOTE_SUSTAIN
   tokens = jnp.array([[vocabulary.SOS, vocabulary.TASK_IDS["offset"], sustain, key + 39, time + 20, sustain,
                        key + 41, time + 3]])
@@ -288,7 +288,7 @@ def test_a_carried_note_is_read_from_the_segments_start():
   bias = (model.apply({"params": {**plain, "note_reader": reader_params}}, tokens, audio)
           - _decoder().apply({"params": plain}, tokens, audio))  # [1, 8, vocab]: the reader's logits
   reader = note_reader.NoteReader(channels, vocabulary.VOCAB_SIZE, (time, vocabulary.NUM_TIMES, 0.5), (key, 88),
-                                  (vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES), sustain)
+                                  (vocabulary.VELOCITY_OFFSET, vocabulary.NUM_VELOCITIES), sustain, end_prior=True)
 
   def read_at(t):  # the reader's logits at key 41's pitch token read at time t
     times = jnp.array([[t]])

@@ -377,7 +377,7 @@ class Decoder(nn.Module):
   key_tokens: tuple | None = None
   velocity_tokens: tuple | None = None
   sustain_token: int | None = None
-  end_prior: bool = True
+  end_prior: bool = False
   onset_prior: bool = False
   eos_token: int | None = None
 

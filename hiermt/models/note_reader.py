@@ -177,7 +177,7 @@ class NoteReader(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   eos_token: int | None = None
-  end_prior: bool = True
+  end_prior: bool = False
   onset_prior: bool = False
 
   def setup(self):
