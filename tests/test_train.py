@@ -1,6 +1,6 @@
 """train.py end to end on runlocal configs: logs, checkpoints and validation of a run; preemption
 of 2 processes, a crash (SIGKILL) and elastic resume on 1 then 2 processes (with Grain workers);
-encoder hand-over between stages; checks on resume; non-finite loss. (16 and 32 devices:
+encoder hand-over between stages; checks on resume; non-finite loss. (32 devices:
 tests/test_device_counts.py.)
 (Equal updates on 1 and 8 devices: tests/test_train_step.py; every stage trained through the
 CLI: the quickstart smoke run in tests/test_quickstart.py.)"""
