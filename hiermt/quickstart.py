@@ -110,8 +110,10 @@ PRESETS = {
         # step (0.20 / 0.24 / 0.30 / 0.31 at steps 700 / 800 / 1000 / 1181). With the note reader's
         # roll priors the LM stages peak early: velocity near step 100 (validation 0.54, 0.44-0.49
         # after); offset with the end prior at weight 1 at step 50-100 (0.64 / 0.62, 0.59 at 171);
-        # onset_pitch with the onset prior is flat from step ~400 (0.899, 0.905 at 741).
-        shares={"encoder": 0.5, "onset_pitch": 0.25, "velocity": 0.05, "offset": 0.1, "flatten": 0.1},
+        # onset_pitch with the onset prior is flat from step ~400 (0.899, 0.905 at 741); at f1df183
+        # it peaked at step 300 of 621 (validation On F1 0.895) while the encoder's On-Off-Vel was
+        # still rising at its last step 1441: a tenth of the time moved from onset_pitch to the encoder.
+        shares={"encoder": 0.6, "onset_pitch": 0.15, "velocity": 0.05, "offset": 0.1, "flatten": 0.1},
         # Full widths cost 256 (CRNN) and 134 (HPPNet) GFLOPs per 10 s forward: minutes per
         # step on two cores.
         # decoder.note_reader 16 (HPPNet only: its features are per key): on the 90-minute recipe's
