@@ -1,6 +1,7 @@
 """From a fresh machine to trained models, transcriptions and a Table-I results table.
 
   python -m hiermt.quickstart [--workdir=runs/quickstart] [--minutes=20] [--encoder=hppnet|crnn]
+                              [--steps=encoder=N,onset_pitch=N,...]
 
 Renders a MAESTRO-layout corpus (plus its test split again with a timbre and
 room that training never hears, CORPUS/heldout), trains the five stages
@@ -12,6 +13,12 @@ Every step is an ordinary hiermt command, printed before it runs, so any of
 them can be re-run by hand. Re-running the quickstart resumes: stages that
 finished are skipped, an interrupted stage continues from its checkpoint, a
 finished evaluation is only printed again.
+
+A budget's step counts follow the machine's speed that hour. `--steps` trains
+the stages it names for exactly that many steps instead (the others keep their
+share of the budget): the steps line under a run's table, passed back, repeats
+that run's training on a machine of any speed (training is deterministic; on
+other hardware up to float summation order).
 
 Presets (`--preset`): `cpu` (default) is the CPU recipe; `gpu` the same chain at
 the published sizes (full-width encoder, `tiny` decoder) for one GPU; `smoke` runs
@@ -152,12 +159,15 @@ STAGE_TAIL_SECONDS = 60.0
 MIN_STAGE_SECONDS = 45.0
 
 
-def stage_command(python, stage, encoder, preset, workdir, data_dir):
-  """The `hiermt.main` command that trains `stage` for the quickstart."""
+def stage_command(python, stage, encoder, preset, workdir, data_dir, steps=None):
+  """The `hiermt.main` command that trains `stage` for the quickstart (`steps` steps, or until the
+  budget stops it when None)."""
   overrides = dict(preset.overrides)
   overrides.update(preset.encoder_overrides.get(encoder, {}))
   overrides.update(preset.stage_overrides.get(stage, {}))
   overrides["data.data_dir"] = data_dir
+  if steps is not None:
+    overrides["train.steps"] = steps
   return ([python, "-m", "hiermt.main", f"--config=configs/base.py:{stage},encoder={encoder},{preset.options}",
            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()])
 
@@ -168,7 +178,7 @@ def _show(cmd):
 
 
 def run_with_budget(cmd, seconds):
-  """Runs `cmd`; after `seconds` sends it SIGTERM (it saves a checkpoint and exits 75).
+  """Runs `cmd`; after `seconds` (None: never) sends it SIGTERM (it saves a checkpoint and exits 75).
 
   Returns:
     (exit status, True when the budget stopped it).
@@ -176,7 +186,7 @@ def run_with_budget(cmd, seconds):
   _show(cmd)
   process = subprocess.Popen(cmd)
   try:
-    process.wait(timeout=max(1.0, seconds))
+    process.wait(timeout=None if seconds is None else max(1.0, seconds))
     return process.returncode, False
   except subprocess.TimeoutExpired:
     print(f"quickstart: time budget of {seconds / 60:.1f} min reached; stopping at the next step "
@@ -202,21 +212,45 @@ def stage_seconds(shares, stage, seconds_left):
   return max(MIN_STAGE_SECONDS, split)
 
 
-def train_stage(python, stage, encoder, preset, workdir, data_dir, seconds):
-  """Trains one stage within `seconds` unless an earlier quickstart run finished it."""
+def train_stage(python, stage, encoder, preset, workdir, data_dir, seconds, steps=None):
+  """Trains one stage within `seconds` (or for `steps` steps) unless an earlier quickstart run finished it."""
   mark = os.path.join(workdir, stage, _DONE_MARK)
   if os.path.exists(mark):
     with open(mark) as f:
       print(f"quickstart: {stage} already trained ({f.read().strip()}); skipping", flush=True)
     return
   started = time.time()
-  status, stopped = run_with_budget(stage_command(python, stage, encoder, preset, workdir, data_dir), seconds)
+  command = stage_command(python, stage, encoder, preset, workdir, data_dir, steps)
+  status, stopped = run_with_budget(command, None if steps is not None else seconds)
   if status not in (0, train.PREEMPTED_EXIT_CODE) or (status == train.PREEMPTED_EXIT_CODE and not stopped):
     raise SystemExit(f"quickstart: training {stage} failed (exit status {status}); fix the error above "
                      "and run the quickstart again: it resumes from the last checkpoint")
   with open(mark, "w") as f:
     f.write(f"{'stopped by its time budget' if stopped else 'trained to train.steps'} "
             f"after {time.time() - started:.0f} s")
+
+
+def parse_steps(text) -> dict[str, int]:
+  """`--steps`: "encoder=4081,onset_pitch=831" -> {"encoder": 4081, "onset_pitch": 831}.
+
+  Also takes the steps line a run prints under its table ("encoder 4081 (uses 3300), ...").
+
+  Raises:
+    ValueError: an unknown stage, a count that is not a positive integer, or a stage given twice.
+  """
+  steps = {}
+  text = text.removeprefix("steps trained (checkpoint used):")
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, count = part.replace("=", " ", 1).partition(" ")
+    count = count.split("(")[0].strip()
+    if name not in STAGES:
+      raise ValueError(f"--steps: unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    if not count.isdigit() or int(count) < 1:
+      raise ValueError(f"--steps: {name} needs a positive whole number of steps, got {count!r}")
+    if name in steps:
+      raise ValueError(f"--steps: {name} is given twice")
+    steps[name] = int(count)
+  return steps
 
 
 def count_params(workdir):
@@ -290,6 +324,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # the stage commands below log their own progress
   args = flags.FLAGS
+  try:
+    fixed_steps = parse_steps(args.steps)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   preset = PRESETS[args.preset]
   workdir = os.path.abspath(args.workdir)
   data_dir = os.path.abspath(args.data_dir or os.path.join(workdir, "corpus"))
@@ -309,7 +347,7 @@ def main(argv):
   training_ends = started + budget * (1.0 - _OVERHEAD_SHARE)
   for stage in STAGES:
     seconds = stage_seconds(preset.shares, stage, training_ends - time.time())
-    train_stage(python, stage, args.encoder, preset, workdir, data_dir, seconds)
+    train_stage(python, stage, args.encoder, preset, workdir, data_dir, seconds, fixed_steps.get(stage))
 
   seen = run_evaluation(python, workdir, data_dir, "test", preset)
   heldout_dir = os.path.join(data_dir, synth.HELDOUT_DIR)
@@ -350,6 +388,8 @@ def _define_flags():
                     "Roll-based encoder to pretrain (HPPNet learns fastest at CPU sizes).")
   flags.DEFINE_enum("preset", "cpu", list(PRESETS), "cpu: the CPU recipe; gpu: published sizes for one GPU; smoke: runlocal configs (CI).")
   flags.DEFINE_string("data_dir", "", "An existing MAESTRO-layout corpus to use instead of rendering one.")
+  flags.DEFINE_string("steps", "", "STAGE=N,...: train these stages for exactly N steps instead of their share of "
+                      "--minutes (the steps line under a run's table, e.g. from its results.txt, repeats that run).")
   flags.DEFINE_float("corpus_minutes", None, "Minutes of audio to render for the corpus (default: the preset's; "
                      "rendering comes out of the --minutes budget).", lower_bound=1.0)
 

@@ -63,6 +63,23 @@ def test_budget_stops_a_stage_with_sigterm(tmp_path):
   assert (status, stopped) == (75, True) and time.time() - started < 30
   assert (tmp_path / "ckpt").read_text() == "saved"
   assert quickstart.run_with_budget([sys.executable, "-c", "pass"], 30.0) == (0, False)
+  # No budget (a stage with fixed steps): it runs to its end, however long.
+  slow = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+  assert quickstart.run_with_budget(slow, None) == (0, False)
+
+
+def test_fixed_steps_from_the_flag_or_a_runs_steps_line():
+  assert quickstart.parse_steps("") == {}
+  assert quickstart.parse_steps("encoder=4081, velocity=2") == {"encoder": 4081, "velocity": 2}
+  line = "steps trained (checkpoint used): encoder 4081 (uses 3300), onset_pitch 831 (uses 200)"
+  assert quickstart.parse_steps(line) == {"encoder": 4081, "onset_pitch": 831}
+  for bad, message in [("encodr=3", "unknown stage 'encodr'"), ("velocity=0", "positive whole number"),
+                       ("velocity=2.5", "positive whole number"), ("offset=3,offset=4", "given twice")]:
+    with pytest.raises(ValueError, match=message):
+      quickstart.parse_steps(bad)
+  cmd = quickstart.stage_command("py", "velocity", "hppnet", quickstart.PRESETS["cpu"], "/w", "/c", steps=271)
+  flags = dict(f.removeprefix("--config.").split("=", 1) for f in cmd[5:])
+  assert flags["train.steps"] == "271"  # the preset's 1_000_000 (train until the budget stops it) replaced
 
 
 def test_results_table_rows_and_columns():
@@ -83,7 +100,7 @@ def test_smoke_quickstart_end_to_end_and_resume(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
              HIERMT_TCMALLOC="0")
   cmd = [sys.executable, "-m", "hiermt.quickstart", "--preset=smoke", f"--workdir={tmp_path}", "--minutes=30",
-         "--corpus_minutes=2.5"]
+         "--corpus_minutes=2.5", "--steps=velocity=2"]
   first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   table, steps = (tmp_path / "results.txt").read_text().strip().split("\n\n")
@@ -93,6 +110,7 @@ def test_smoke_quickstart_end_to_end_and_resume(tmp_path):
   trained = re.findall(r"(\w+) (\d+) \(uses (\d+)\)", steps)
   assert [stage for stage, _, _ in trained] == list(quickstart.STAGES), steps
   assert all(0 < int(used) <= int(latest) for _, latest, used in trained), steps
+  assert ("velocity", "2", "2") in trained, steps  # --steps: exactly 2 steps (runlocal trains 4)
   for row in table[2:]:
     scores = [float(x) for x in row.split()[4:10]]  # seen and held-out On / On-Off / On-Off-Vel
     assert all(0.0 <= s <= 1.0 for s in scores)
