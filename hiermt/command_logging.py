@@ -2,6 +2,8 @@
 
 JAX probes for TPU and proxy backends at start-up and Orbax narrates every checkpoint it opens,
 both at INFO; a user running `hiermt.transcribe` wants the progress bars and hiermt's own lines.
+Grain's worker processes hand batches over in shared memory, and when a training run ends
+Python's resource tracker (a process of its own) warns that it frees the last blocks.
 """
 
 import logging as std_logging
@@ -23,8 +25,23 @@ class HiermtInfo(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
 
 
+# The resource tracker's "There appear to be N leaked shared_memory objects to clean up at shutdown":
+# it then unlinks them, so nothing is lost. It runs as a separate interpreter, started on the first
+# shared-memory block, which takes its warning filters from PYTHONWARNINGS.
+RESOURCE_TRACKER_FILTER = "ignore:resource_tracker:UserWarning"
+
+
+def quiet_resource_tracker():
+  """Adds `RESOURCE_TRACKER_FILTER` to PYTHONWARNINGS for the processes this one starts from now on."""
+  current = os.environ.get("PYTHONWARNINGS", "")
+  if RESOURCE_TRACKER_FILTER not in current.split(","):
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, RESOURCE_TRACKER_FILTER]))
+
+
 def hiermt_info_only():
-  """Logs INFO from hiermt and WARNING and above from everything else, through absl's handler."""
+  """Logs INFO from hiermt and WARNING and above from everything else, through absl's handler, and
+  silences the resource tracker's shutdown warning (`quiet_resource_tracker`)."""
+  quiet_resource_tracker()
   logging.set_verbosity(logging.INFO)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, HiermtInfo) for f in handler.filters):
