@@ -157,6 +157,8 @@ STAGE_TAIL_SECONDS = 60.0
 # A stage's start-up (restoring the encoder, compiling the train step) takes 15-25 s there; the
 # quickstart at b9050e1 stopped flatten with a budget of 0 s before it could save anything.
 MIN_STAGE_SECONDS = 45.0
+# The line under the results table that lists each stage's steps (`steps_line`; `parse_steps` reads it).
+STEPS_LINE_PREFIX = "steps trained (checkpoint used):"
 
 
 def stage_command(python, stage, encoder, preset, workdir, data_dir, steps=None):
@@ -213,15 +215,15 @@ def stage_seconds(shares, stage, seconds_left):
 
 
 def train_stage(python, stage, encoder, preset, workdir, data_dir, seconds, steps=None):
-  """Trains one stage within `seconds` (or for `steps` steps) unless an earlier quickstart run finished it."""
+  """Trains one stage within `seconds` (None: no budget, for `steps` steps) unless an earlier quickstart
+  run finished it."""
   mark = os.path.join(workdir, stage, _DONE_MARK)
   if os.path.exists(mark):
     with open(mark) as f:
       print(f"quickstart: {stage} already trained ({f.read().strip()}); skipping", flush=True)
     return
   started = time.time()
-  command = stage_command(python, stage, encoder, preset, workdir, data_dir, steps)
-  status, stopped = run_with_budget(command, None if steps is not None else seconds)
+  status, stopped = run_with_budget(stage_command(python, stage, encoder, preset, workdir, data_dir, steps), seconds)
   if status not in (0, train.PREEMPTED_EXIT_CODE) or (status == train.PREEMPTED_EXIT_CODE and not stopped):
     raise SystemExit(f"quickstart: training {stage} failed (exit status {status}); fix the error above "
                      "and run the quickstart again: it resumes from the last checkpoint")
@@ -239,7 +241,7 @@ def parse_steps(text) -> dict[str, int]:
     ValueError: an unknown stage, a count that is not a positive integer, or a stage given twice.
   """
   steps = {}
-  text = text.removeprefix("steps trained (checkpoint used):")
+  text = text.removeprefix(STEPS_LINE_PREFIX)
   for part in filter(None, (p.strip() for p in text.split(","))):
     name, _, count = part.replace("=", " ", 1).partition(" ")
     count = count.split("(")[0].strip()
@@ -316,7 +318,7 @@ def steps_line(workdir) -> str:
     choice = checkpoint.choose(checkpoint.stage_dir(workdir, stage), "best")
     if choice is not None:
       parts.append(f"{stage} {choice.latest} (uses {choice.step})")
-  return "steps trained (checkpoint used): " + ", ".join(parts)
+  return f"{STEPS_LINE_PREFIX} " + ", ".join(parts)
 
 
 def main(argv):
@@ -346,7 +348,8 @@ def main(argv):
 
   training_ends = started + budget * (1.0 - _OVERHEAD_SHARE)
   for stage in STAGES:
-    seconds = stage_seconds(preset.shares, stage, training_ends - time.time())
+    # A stage with fixed steps runs to them; the others share what is left of the budget.
+    seconds = None if stage in fixed_steps else stage_seconds(preset.shares, stage, training_ends - time.time())
     train_stage(python, stage, args.encoder, preset, workdir, data_dir, seconds, fixed_steps.get(stage))
 
   seen = run_evaluation(python, workdir, data_dir, "test", preset)
